@@ -1,0 +1,1 @@
+"""zhiku: ingest room."""

@@ -1,0 +1,74 @@
+"""The values that flow through ingest: a loaded file, its cleaned text, its chunks.
+
+    load(path) -> LoadedDocument -> clean_document() -> CleanedDocument -> split_document() -> [Chunk]
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class IngestError(Exception):
+    """A file that cannot be ingested; ``reason`` is shown to the user next to the path."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class UnsupportedFile(IngestError):
+    """A file whose extension zhiku does not read; it is skipped, not failed."""
+
+
+@dataclass(frozen=True)
+class Page:
+    """Raw text of one page; ``number`` is 1-based for PDFs and None for text files."""
+
+    number: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class LoadedDocument:
+    path: Path
+    pages: list[Page]
+
+
+@dataclass(frozen=True)
+class CleanedDocument:
+    """Cleaned text of a whole document.
+
+    ``page_starts[i]`` is the character offset in ``text`` where page
+    ``page_numbers[i]`` begins (both empty for documents without pages).
+    """
+
+    path: Path
+    text: str
+    page_starts: list[int] = field(default_factory=list)
+    page_numbers: list[int] = field(default_factory=list)
+
+    def pages_between(self, start: int, end: int) -> tuple[int, ...]:
+        """Page numbers covered by ``text[start:end]``.
+
+        >>> CleanedDocument(Path("a.pdf"), "aaaa\\n\\nbbbb", [0, 6], [1, 2]).pages_between(2, 8)
+        (1, 2)
+        """
+        if not self.page_starts:
+            return ()
+        first = max(bisect_right(self.page_starts, start) - 1, 0)
+        last = max(bisect_right(self.page_starts, max(end - 1, start)) - 1, 0)
+        return tuple(self.page_numbers[first : last + 1])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a cleaned document: ``text == document.text[start:end]``."""
+
+    text: str
+    ordinal: int
+    start: int
+    end: int
+    pages: tuple[int, ...] = ()

@@ -1,0 +1,1 @@
+"""zhiku: memory room."""

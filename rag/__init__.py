@@ -1,0 +1,1 @@
+"""zhiku: rag room."""
