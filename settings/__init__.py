@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZHIKU_", extra="forbid")
 
     home: Path = Field(default_factory=default_home, description="Data root: knowledge bases and model cache.")
+    models_dir: Path | None = Field(None, description="Model cache; default <home>/models.")
 
     # embeddings
     embedding_model: str = Field(
@@ -97,7 +98,7 @@ class Settings(BaseSettings):
 
     @property
     def model_cache(self) -> Path:
-        return self.home / "models"
+        return self.models_dir or self.home / "models"
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,299 @@
+"""The ``ingest`` command: build, inspect and search knowledge bases.
+
+It lives in memory/ because it writes knowledge bases (ingest/ only reads files).
+Exit codes: 0 success, 1 some files failed (the rest were ingested) or the
+knowledge base is busy, 2 usage errors (bad names, unknown knowledge base,
+mismatched embedder, bad options).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from memory.embedding import EmbeddingModelNotFound, load_embedder
+from memory.ingestion import IngestReport, Progress, add_paths, check_compatible, rebuild, remove_paths
+from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBases, validate_name
+from memory.search import search as search_kb
+from settings import Settings
+
+app = typer.Typer(
+    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in, FAISS + SQLite out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+KbOption = Annotated[Optional[str], typer.Option("--kb", help="Knowledge-base name (default: ZHIKU_DEFAULT_KB or 'default').")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+class UsageError(Exception):
+    pass
+
+
+@contextmanager
+def user_errors():
+    """Turn known errors into one clear line and the documented exit code, never a traceback."""
+    try:
+        yield
+    except KnowledgeBaseBusy as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    except (KnowledgeBaseError, EmbeddingModelNotFound, UsageError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    except ValidationError as exc:
+        for problem in exc.errors():
+            field = ".".join(str(p) for p in problem["loc"]) or "settings"
+            err.print(f"[red]error:[/red] {field}: {problem['msg']}")
+        raise typer.Exit(2)
+
+
+def load_settings(**overrides) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def explicit(settings: Settings, field: str):
+    """The value of ``field`` if the user set it (flag, environment or config file), else None."""
+    return getattr(settings, field) if field in settings.model_fields_set else None
+
+
+def embedder_for(kbs: KnowledgeBases, name: str, settings: Settings):
+    """The embedder a knowledge base was built with; refuses an explicitly different one."""
+    if kbs.exists(name):
+        manifest = kbs.manifest(name)
+        check_compatible(manifest, explicit(settings, "embedding_model"), None, None)
+        return load_embedder(settings, manifest.embedding_model)
+    return load_embedder(settings)
+
+
+class BarProgress(Progress):
+    """Rich progress bars on stderr: files parsed and chunks embedded."""
+
+    def __init__(self, bars: RichProgress):
+        self.bars = bars
+        self.files = bars.add_task("parsing", total=None)
+        self.chunks = bars.add_task("embedding", total=0)
+
+    def files_found(self, count: int) -> None:
+        self.bars.update(self.files, total=count)
+
+    def file_done(self, path: str) -> None:
+        self.bars.update(self.files, advance=1, description=f"parsing {Path(path).name[:40]}")
+
+    def chunks_queued(self, count: int) -> None:
+        task = self.bars.tasks[self.chunks]
+        self.bars.update(self.chunks, total=(task.total or 0) + count)
+
+    def chunks_embedded(self, count: int) -> None:
+        self.bars.update(self.chunks, advance=count)
+
+
+def progress_bars() -> RichProgress:
+    return RichProgress(
+        TextColumn("{task.description:<48}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+@app.command()
+def add(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursively) to ingest.", exists=True)],
+    kb: KbOption = None,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Maximum characters per chunk (new knowledge bases).")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks.")] = None,
+    embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model path or cached id.")] = None,
+    prune: Annotated[bool, typer.Option(help="Remove documents under PATHS whose files are gone.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
+    with user_errors():
+        settings = load_settings(chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
+        name = validate_name(kb or settings.default_kb)
+        kbs = KnowledgeBases.from_settings(settings)
+        embedder = embedder_for(kbs, name, settings)
+        size, overlap = settings.chunk_size, settings.chunk_overlap
+        if kbs.exists(name):
+            manifest = kbs.manifest(name)
+            check_compatible(manifest, None, explicit(settings, "chunk_size"), explicit(settings, "chunk_overlap"))
+            size, overlap = manifest.chunk_size, manifest.chunk_overlap
+        with progress_bars() as bars:
+            report = add_paths(
+                kbs, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune, progress=BarProgress(bars)
+            )
+    print_report(report, name, as_json)
+    raise typer.Exit(report.exit_code)
+
+
+def print_report(report: IngestReport, name: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([o.__dict__ for o in report.outcomes], ensure_ascii=False, indent=2))
+        return
+    err.print(
+        f"[bold]{name}[/bold]: {report.count('ingested')} ingested, {report.count('unchanged')} unchanged, "
+        f"{report.count('skipped')} skipped, {report.count('removed')} removed, {len(report.failed)} failed"
+    )
+    for outcome in report.failed:
+        err.print(f"  [red]failed[/red] {outcome.path}: {outcome.error}")
+    for outcome in report.outcomes:
+        if outcome.outcome == "skipped":
+            err.print(f"  [yellow]skipped[/yellow] {outcome.path}: {outcome.error}")
+
+
+@app.command("list")
+def list_(kb: KbOption = None, as_json: JsonOption = False) -> None:
+    """List knowledge bases, or the documents of one (--kb) with status, chunk count and error."""
+    with user_errors():
+        settings = load_settings()
+        kbs = KnowledgeBases.from_settings(settings)
+        rows = list_documents(kbs, validate_name(kb)) if kb else list_knowledge_bases(kbs)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table(*rows[0].keys()) if rows else Table("nothing here yet")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    Console().print(table)
+
+
+def list_knowledge_bases(kbs: KnowledgeBases) -> list[dict]:
+    rows = []
+    for name in kbs.names():
+        manifest = kbs.manifest(name)
+        kb = kbs.open(name)
+        try:
+            documents = kb.store.documents()
+            rows.append(
+                {
+                    "name": name,
+                    "documents": len(documents),
+                    "chunks": sum(d.chunk_count for d in documents),
+                    "embedding_model": manifest.embedding_model,
+                    "chunk_size": manifest.chunk_size,
+                    "chunk_overlap": manifest.chunk_overlap,
+                }
+            )
+        finally:
+            kb.close()
+    return rows
+
+
+def list_documents(kbs: KnowledgeBases, name: str) -> list[dict]:
+    kb = kbs.open(name)
+    try:
+        return [
+            {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
+            for d in kb.store.documents()
+        ]
+    finally:
+        kb.close()
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="Files, or folders whose documents to remove.")],
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base name.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Remove documents from a knowledge base (the files themselves are not touched)."""
+    with user_errors():
+        settings = load_settings()
+        removed = remove_paths(KnowledgeBases.from_settings(settings), validate_name(kb), paths)
+    if as_json:
+        print(json.dumps([o.path for o in removed], ensure_ascii=False))
+    else:
+        err.print(f"{len(removed)} documents removed from {kb}")
+
+
+@app.command()
+def drop(
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a knowledge base and everything in it."""
+    with user_errors():
+        settings = load_settings()
+        kbs = KnowledgeBases.from_settings(settings)
+        kbs.manifest(validate_name(kb))
+        if not yes and sys.stdin.isatty() and not typer.confirm(f"Delete knowledge base {kb!r}?"):
+            raise typer.Exit(1)
+        kbs.drop(kb)
+    err.print(f"dropped {kb}")
+
+
+@app.command("rebuild")
+def rebuild_(
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base name.")],
+    embedding_model: Annotated[Optional[str], typer.Option(help="Re-embed with this model (default: the configured one).")] = None,
+) -> None:
+    """Re-embed every chunk of a knowledge base, e.g. after changing the embedding model."""
+    with user_errors():
+        settings = load_settings(embedding_model=embedding_model)
+        kbs = KnowledgeBases.from_settings(settings)
+        name = validate_name(kb)
+        kbs.manifest(name)
+        embedder = load_embedder(settings)
+        with progress_bars() as bars:
+            manifest = rebuild(kbs, name, embedder, BarProgress(bars))
+    err.print(f"rebuilt {kb} with {manifest.embedding_model} (dimension {manifest.dimension})")
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="The question or keywords.")],
+    kb: KbOption = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="How many passages.")] = None,
+    step: Annotated[Optional[int], typer.Option(help="Neighbouring chunks joined on each side of a hit.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Search a knowledge base. Scores are cosine similarities: higher is better, 1.0 is identical."""
+    with user_errors():
+        settings = load_settings(top_k=top_k, step=step)
+        name = validate_name(kb or settings.default_kb)
+        kbs = KnowledgeBases.from_settings(settings)
+        kbs.manifest(name)
+        embedder = embedder_for(kbs, name, settings)
+        knowledge_base = kbs.open(name)
+        try:
+            results = search_kb(
+                knowledge_base,
+                embedder,
+                query,
+                top_k=settings.top_k,
+                step=settings.step,
+                char_budget=settings.neighbour_char_budget,
+            )
+        finally:
+            knowledge_base.close()
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
+        return
+    console = Console()
+    for rank, result in enumerate(results, 1):
+        where = Path(result.source).name + (f" p.{result.page}" if result.page else "")
+        console.print(f"[bold]{rank}. {where}[/bold]  score {result.score:.3f}")
+        console.print(result.text.strip(), markup=False, highlight=False)
+        console.print()
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # python -m memory.cli
+    app()

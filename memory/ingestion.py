@@ -1,0 +1,287 @@
+"""Filling knowledge bases: files → chunks (ingest/) → vectors → store, incrementally.
+
+``add_paths`` is what ``ingest add`` runs. A file is re-read only when its
+content hash changed; a chunk text already embedded anywhere in the knowledge
+base (or earlier in the batch) reuses its vector instead of being embedded again.
+Documents are committed in batches, each one transaction, so a kill loses at most
+the batch in flight and the next run finishes the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ingest.documents import IngestError, UnsupportedFile
+from ingest.pipeline import iter_candidate_files, prepare_file
+from memory.chunk_store import ChunkStore, NewChunk
+from memory.knowledge_base import (
+    STORE_DB,
+    DocumentUpdate,
+    EmbedderMismatch,
+    KnowledgeBase,
+    KnowledgeBaseError,
+    KnowledgeBases,
+    Manifest,
+)
+
+EMBED_BATCH_CHUNKS = 256
+
+
+class Progress:
+    """Callbacks for long work; the default does nothing (the CLI draws bars)."""
+
+    def files_found(self, count: int) -> None: ...
+    def file_done(self, path: str) -> None: ...
+    def chunks_queued(self, count: int) -> None: ...
+    def chunks_embedded(self, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one file: ingested, unchanged, failed, skipped or removed."""
+
+    path: str
+    outcome: str
+    chunks: int = 0
+    error: str | None = None
+
+
+@dataclass
+class IngestReport:
+    outcomes: list[FileOutcome] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.outcomes if o.outcome == outcome)
+
+    @property
+    def failed(self) -> list[FileOutcome]:
+        return [o for o in self.outcomes if o.outcome == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every file succeeded, 1 when some failed (the rest were ingested)."""
+        return 1 if self.failed else 0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_for(name: str, embedder, chunk_size: int, chunk_overlap: int) -> Manifest:
+    return Manifest(
+        name=name,
+        embedding_model=embedder.model_id,
+        dimension=embedder.dimension,
+        chunk_size=chunk_size,
+        chunk_overlap=chunk_overlap,
+        store="store-1",
+    )
+
+
+def check_compatible(manifest: Manifest, embedding_model: str | None, chunk_size: int | None, chunk_overlap: int | None) -> None:
+    """Refuse to mix embedders or chunking inside one knowledge base."""
+    if embedding_model is not None and embedding_model != manifest.embedding_model:
+        raise EmbedderMismatch(
+            f"knowledge base {manifest.name!r} was built with embedding model {manifest.embedding_model!r}, "
+            f"not {embedding_model!r}; re-embed it with `ingest rebuild --kb {manifest.name} "
+            f"--embedding-model {embedding_model}` or use another --kb"
+        )
+    for label, wanted, pinned in (
+        ("chunk_size", chunk_size, manifest.chunk_size),
+        ("chunk_overlap", chunk_overlap, manifest.chunk_overlap),
+    ):
+        if wanted is not None and wanted != pinned:
+            raise KnowledgeBaseError(
+                f"knowledge base {manifest.name!r} was split with {label}={pinned}, not {wanted}; "
+                "drop it (`ingest drop`) and add the files again, or use another --kb"
+            )
+
+
+class _Batcher:
+    """Collects document updates, embeds their new chunk texts once, commits them together."""
+
+    def __init__(self, kb: KnowledgeBase, embedder, progress: Progress):
+        self.kb = kb
+        self.embedder = embedder
+        self.progress = progress
+        self.pending: list[tuple[DocumentUpdate, list]] = []
+        self.pending_chunks = 0
+
+    def add(self, update: DocumentUpdate, chunks: list) -> None:
+        self.pending.append((update, chunks))
+        self.pending_chunks += len(chunks)
+        self.progress.chunks_queued(len(chunks))
+        if self.pending_chunks >= EMBED_BATCH_CHUNKS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        texts = [c.text for _, chunks in self.pending for c in chunks]
+        vectors = embed_reusing(self.kb.store, self.embedder, texts, self.progress)
+        updates, cursor = [], 0
+        for update, chunks in self.pending:
+            new_chunks = tuple(
+                NewChunk(c.ordinal, c.text, text_sha256(c.text), tuple(c.pages), c.start, c.end, vectors[cursor + i])
+                for i, c in enumerate(chunks)
+            )
+            cursor += len(chunks)
+            updates.append(DocumentUpdate(update.path, update.sha256, update.size, update.status, update.error, new_chunks))
+        self.kb.put_documents(updates)
+        self.pending, self.pending_chunks = [], 0
+
+
+def embed_reusing(store: ChunkStore, embedder, texts: list[str], progress: Progress) -> np.ndarray:
+    """Vectors for ``texts``, embedding only texts the store has never seen."""
+    shas = [text_sha256(t) for t in texts]
+    known = store.vectors_by_text(shas)
+    missing = list(dict.fromkeys(t for t, s in zip(texts, shas) if s not in known))
+    reused = len(texts) - len(missing)
+    if reused:
+        progress.chunks_embedded(reused)
+    if missing:
+        fresh = embedder.embed_passages(missing, progress=progress.chunks_embedded)
+        known.update({text_sha256(t): v for t, v in zip(missing, fresh)})
+    return np.vstack([known[s] for s in shas]) if texts else np.zeros((0, embedder.dimension), np.float32)
+
+
+def add_paths(
+    kbs: KnowledgeBases,
+    name: str,
+    paths: Iterable[Path],
+    embedder,
+    *,
+    chunk_size: int,
+    chunk_overlap: int,
+    prune: bool = False,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest files and folders into knowledge base ``name`` (created when missing)."""
+    progress = progress or Progress()
+    paths = [Path(p) for p in paths]
+    report = IngestReport()
+    with kbs.writer(name, create=manifest_for(name, embedder, chunk_size, chunk_overlap)) as kb:
+        check_compatible(kb.manifest, embedder.model_id, chunk_size, chunk_overlap)
+        files = list(iter_candidate_files(paths))
+        progress.files_found(len(files))
+        batcher = _Batcher(kb, embedder, progress)
+        for path in files:
+            outcome = _ingest_file(kb, batcher, path, chunk_size, chunk_overlap)
+            report.outcomes.append(outcome)
+            progress.file_done(outcome.path)
+        batcher.flush()
+        if prune:
+            report.outcomes += prune_missing(kb, paths)
+    return report
+
+
+def _ingest_file(kb: KnowledgeBase, batcher: _Batcher, path: Path, chunk_size: int, chunk_overlap: int) -> FileOutcome:
+    key = str(path.resolve())
+    try:
+        size = path.stat().st_size
+        sha = file_sha256(path)
+    except OSError as exc:
+        return FileOutcome(key, "failed", error=f"cannot read: {exc.strerror or exc}")
+    stored = kb.store.document(key)
+    if stored is not None and stored.sha256 == sha and stored.status in ("ok", "skipped"):
+        return FileOutcome(key, "unchanged" if stored.status == "ok" else "skipped", stored.chunk_count, stored.error)
+    try:
+        prepared = prepare_file(path, chunk_size, chunk_overlap)
+    except UnsupportedFile as exc:
+        batcher.add(DocumentUpdate(key, sha, size, "skipped", exc.reason), [])
+        return FileOutcome(key, "skipped", error=exc.reason)
+    except IngestError as exc:
+        batcher.add(DocumentUpdate(key, sha, size, "failed", exc.reason), [])
+        return FileOutcome(key, "failed", error=exc.reason)
+    batcher.add(DocumentUpdate(key, sha, size, "ok"), prepared.chunks)
+    return FileOutcome(key, "ingested", len(prepared.chunks))
+
+
+def _is_under(path: str, roots: list[Path]) -> bool:
+    candidate = Path(path)
+    return any(candidate == root or root in candidate.parents for root in roots)
+
+
+def prune_missing(kb: KnowledgeBase, roots: list[Path]) -> list[FileOutcome]:
+    """Remove documents under ``roots`` whose files no longer exist."""
+    roots = [r.resolve() for r in roots]
+    gone = [d.path for d in kb.store.documents() if _is_under(d.path, roots) and not Path(d.path).exists()]
+    kb.delete_documents(gone)
+    return [FileOutcome(p, "removed") for p in gone]
+
+
+def remove_paths(kbs: KnowledgeBases, name: str, paths: Iterable[Path]) -> list[FileOutcome]:
+    """Remove documents (a file, or every document under a folder) from ``name``."""
+    roots = [Path(p).resolve() for p in paths]
+    with kbs.writer(name) as kb:
+        doomed = [d.path for d in kb.store.documents() if _is_under(d.path, roots)]
+        kb.delete_documents(doomed)
+    return [FileOutcome(p, "removed") for p in doomed]
+
+
+def rebuild(kbs: KnowledgeBases, name: str, embedder, progress: Progress | None = None) -> Manifest:
+    """Re-embed every stored chunk of ``name`` with ``embedder`` into a new store, then switch to it.
+
+    The old store stays active until the new one is complete, so a kill during a
+    rebuild leaves the knowledge base as it was.
+    """
+    progress = progress or Progress()
+    with kbs.lock(name):
+        old = kbs.manifest(name)
+        number = int(old.store.removeprefix("store-")) + 1
+        new = Manifest(
+            name=name,
+            embedding_model=embedder.model_id,
+            dimension=embedder.dimension,
+            chunk_size=old.chunk_size,
+            chunk_overlap=old.chunk_overlap,
+            store=f"store-{number}",
+        )
+        directory = kbs.root / name
+        (directory / new.store).mkdir(exist_ok=True)
+        source = ChunkStore(directory / old.store / STORE_DB)
+        target = ChunkStore(directory / new.store / STORE_DB)
+        try:
+            _copy_reembedded(source, target, embedder, progress)
+        finally:
+            source.close()
+            target.close()
+        # Build and save the FAISS file before the switch, so readers never start from nothing.
+        kbs.instance(new, writable=True).close()
+        kbs.replace_store(name, new)
+    return new
+
+
+def _copy_reembedded(source: ChunkStore, target: ChunkStore, embedder, progress: Progress) -> None:
+    documents = source.documents()
+    progress.files_found(len(documents))
+    progress.chunks_queued(source.chunk_count())
+    for document in documents:
+        chunks = source.chunks_of_document(document.id, 0, document.chunk_count)
+        vectors = embed_reusing(target, embedder, [c.text for c in chunks], progress)
+        new_chunks = [
+            NewChunk(c.ordinal, c.text, text_sha256(c.text), c.pages, c.start, c.end, v) for c, v in zip(chunks, vectors)
+        ]
+        with target.write():
+            target.put_document(
+                document.path,
+                sha256=document.sha256,
+                size=document.size,
+                status=document.status,
+                error=document.error,
+                chunks=new_chunks,
+            )
+        progress.file_done(document.path)

@@ -1,0 +1,91 @@
+"""SIGKILL an `ingest add` at random moments; the knowledge base must stay loadable and consistent."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memory.ingestion import add_paths, file_sha256
+from memory.knowledge_base import KnowledgeBases
+from settings import Settings
+
+pytestmark = pytest.mark.slow
+
+WORDS = "知识库 检索 向量 模型 微调 显卡 文档 问答 训练 推理 切分 嵌入 索引 数据 服务 接口 用户 系统 中文 段落".split()
+
+
+def write_corpus(folder: Path, seed: int, files: int = 30) -> None:
+    rng = random.Random(seed)
+    folder.mkdir(exist_ok=True)
+    for n in range(files):
+        sentences = ["".join(rng.choices(WORDS, k=rng.randint(4, 9))) + "。" for _ in range(40)]
+        (folder / f"doc{n:02d}.txt").write_text(f"文档{n}版本{seed}\n\n" + "".join(sentences), encoding="utf-8")
+
+
+def run_ingest(env: dict, corpus: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "memory.cli", "add", str(corpus), "--kb", "crash", "--chunk-size", "200", "--chunk-overlap", "40"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_consistent(settings: Settings, corpus: Path) -> None:
+    kbs = KnowledgeBases.from_settings(settings)
+    if not kbs.exists("crash"):
+        return  # killed before the knowledge base was created: nothing to check
+    kb = kbs.open("crash")
+    try:
+        assert kb.check_consistency() == []
+        for document in kb.store.documents():
+            assert document.status == "ok" and document.chunk_count > 0, document
+    finally:
+        kb.close()
+
+
+def test_sigkill_at_random_moments_leaves_knowledge_base_consistent(tmp_path, models_dir, embedder):
+    settings = Settings(home=tmp_path / "home", models_dir=models_dir)
+    env = {**os.environ, "ZHIKU_HOME": str(settings.home), "ZHIKU_MODELS_DIR": str(models_dir)}
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, seed=0)
+
+    started = time.monotonic()
+    first = run_ingest(env, corpus)
+    assert first.wait(300) == 0, first.stderr.read().decode()
+    duration = time.monotonic() - started
+
+    rng = random.Random(1234)
+    kills = 0
+    for round_ in range(1, 13):
+        write_corpus(corpus, seed=round_)  # every file changes: the run replaces every document
+        process = run_ingest(env, corpus)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(60)
+        assert_consistent(settings, corpus)
+    assert kills >= 10
+
+    final = run_ingest(env, corpus)
+    assert final.wait(300) == 0, final.stderr.read().decode()
+    assert_consistent(settings, corpus)
+
+    kbs = KnowledgeBases.from_settings(settings)
+    add_paths(kbs, "clean", [corpus], embedder, chunk_size=200, chunk_overlap=40)
+    crashed, clean = kbs.open("crash"), kbs.open("clean")
+    try:
+        current = {str(p.resolve()): file_sha256(p) for p in corpus.iterdir()}
+        assert {d.path: d.sha256 for d in crashed.store.documents()} == current
+        assert sorted(t for _, t in crashed.store.iter_chunk_texts()) == sorted(t for _, t in clean.store.iter_chunk_texts())
+    finally:
+        crashed.close()
+        clean.close()
