@@ -1,0 +1,193 @@
+"""zhiku's ingest against a LangChain reference pipeline, on the same files and embedding model.
+
+    python -m bench.ingest_compare [--insuranceqa 1500] [--full-insuranceqa]
+
+Reference: pdfplumber/text loaders + RecursiveCharacterTextSplitter +
+HuggingFaceEmbeddings + FAISS.from_documents + save_local, with the same
+chunk size, overlap, model folder and passage prompt. Each run is a separate
+process so peak RSS is its own. Results go to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import distribution
+from pathlib import Path
+
+from bench.report import markdown_table, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def insuranceqa_answers(lang: str) -> list[str]:
+    path = distribution("insuranceqa-data").locate_file("insuranceqa_data/answers.json.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        answers = json.load(handle)
+    return [answers[key][lang].strip() for key in sorted(answers, key=int)]
+
+
+def write_passages(folder: Path, passages: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, text in enumerate(passages):
+        (folder / f"answer-{number:05d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- children: one pipeline run each, printing one JSON line -------------
+def run_zhiku(files: list[Path], home: Path) -> dict:
+    from memory.embedding import load_embedder
+    from memory.ingestion import add_paths
+    from memory.knowledge_base import KnowledgeBases
+    from settings import Settings
+
+    settings = Settings(home=home)
+    started = time.perf_counter()
+    embedder = load_embedder(settings)
+    report = add_paths(
+        KnowledgeBases.from_settings(settings),
+        "bench",
+        files,
+        embedder,
+        chunk_size=settings.chunk_size,
+        chunk_overlap=settings.chunk_overlap,
+    )
+    return {
+        "seconds": time.perf_counter() - started,
+        "chunks": sum(o.chunks for o in report.outcomes if o.outcome in ("ingested", "unchanged")),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_langchain(files: list[Path], home: Path) -> dict:
+    from langchain_community.document_loaders import PDFPlumberLoader, TextLoader
+    from langchain_community.vectorstores import FAISS
+    from langchain_huggingface import HuggingFaceEmbeddings
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    from memory.embedding import resolve_embedding_model
+    from settings import Settings
+
+    settings = Settings(home=home)
+    started = time.perf_counter()
+    model_path = resolve_embedding_model(settings.embedding_model, settings)
+    documents = []
+    for path in expand(files):
+        loader = PDFPlumberLoader(str(path)) if path.suffix == ".pdf" else TextLoader(str(path), autodetect_encoding=True)
+        try:
+            documents += loader.load()
+        except Exception:  # the reference has no per-file error reporting; skip what it cannot read
+            continue
+    splitter = RecursiveCharacterTextSplitter(chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
+    chunks = splitter.split_documents(documents)
+    embeddings = HuggingFaceEmbeddings(
+        model_name=str(model_path),
+        model_kwargs={"device": "cpu"},
+        encode_kwargs={"normalize_embeddings": True, "prompt": "passage: ", "batch_size": settings.embedding_batch_size},
+    )
+    store = FAISS.from_documents(chunks, embeddings)
+    store.save_local(str(home / "langchain-faiss"))
+    return {"seconds": time.perf_counter() - started, "chunks": len(chunks), "peak_rss_mb": peak_rss_mb()}
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    out = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.suffix in (".pdf", ".txt", ".md") and p.is_file())
+        else:
+            out.append(path)
+    return out
+
+
+CHILDREN = {"zhiku": run_zhiku, "langchain": run_langchain}
+
+
+def child(pipeline: str, home: Path, files: list[Path]) -> dict:
+    command = [sys.executable, "-m", "bench.ingest_compare", "--child", pipeline, "--home", str(home), *map(str, files)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"{pipeline} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(label: str, files: list[Path]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        first = child("zhiku", home, files)
+        again = child("zhiku", home, files)
+        reference = child("langchain", home, files)
+    rows = [
+        {"workload": label, "pipeline": "LangChain reference", **fmt(reference), "vs reference": "1.00×"},
+        {"workload": label, "pipeline": "zhiku first ingest", **fmt(first), "vs reference": f"{reference['seconds'] / first['seconds']:.2f}× faster"},
+        {
+            "workload": label,
+            "pipeline": "zhiku unchanged re-ingest",
+            **fmt(again),
+            "vs reference": f"{first['seconds'] / again['seconds']:.0f}× faster than zhiku's first",
+        },
+    ]
+    return rows
+
+
+def fmt(result: dict) -> dict:
+    return {"wall s": f"{result['seconds']:.1f}", "chunks": result["chunks"], "peak RSS MB": f"{result['peak_rss_mb']:.0f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--insuranceqa", type=int, default=1500, help="InsuranceQA zh answers written as files.")
+    parser.add_argument("--full-insuranceqa", action="store_true", help="Also ingest all 27k answers (zhiku only, RSS).")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.files, args.home)))
+        return
+
+    from settings import Settings
+
+    settings = Settings()
+    os.environ["ZHIKU_MODELS_DIR"] = str(settings.model_cache)  # every run shares the prepared models
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if SHARED.is_dir():
+            rows += compare("shared corpus/zh (5 docs, 2 PDFs)", [SHARED / "corpus" / "zh"])
+        passages = insuranceqa_answers("zh")
+        folder = write_passages(Path(tmp) / "iqa", passages[: args.insuranceqa])
+        rows += compare(f"InsuranceQA zh, {args.insuranceqa} answer files", [folder])
+        notes = ""
+        if args.full_insuranceqa:
+            full = write_passages(Path(tmp) / "iqa-full", passages)
+            with tempfile.TemporaryDirectory() as home:
+                result = child("zhiku", Path(home), [full])
+            notes = (
+                f"\nAll {len(passages)} InsuranceQA zh answers as files, zhiku only: {result['seconds']:.0f} s, "
+                f"{result['chunks']} chunks, peak RSS {result['peak_rss_mb']:.0f} MB (target ≤ 2048 MB).\n"
+            )
+    body = (
+        f"chunk_size={settings.chunk_size}, chunk_overlap={settings.chunk_overlap}, "
+        f"embedding model {settings.embedding_model} (backend {settings.embedding_backend}).\n\n"
+        + markdown_table(rows)
+        + "\n"
+        + notes
+    )
+    print(body)
+    write_section("ingest_compare", "Ingest: zhiku vs LangChain reference", "python -m bench.ingest_compare", body)
+
+
+if __name__ == "__main__":
+    main()
