@@ -1,0 +1,101 @@
+"""load → clean → split for one file, and the expansion of user-given paths into files.
+
+    >>> from settings import Settings
+    >>> s = Settings()
+    >>> for path in iter_candidate_files([Path("docs")]):             # doctest: +SKIP
+    ...     try:
+    ...         prepared = prepare_file(path, s.chunk_size, s.chunk_overlap)
+    ...     except UnsupportedFile as exc:
+    ...         print("skipped", exc)
+    ...     except IngestError as exc:
+    ...         print("failed", exc)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ingest.clean import clean_document
+from ingest.documents import Chunk, CleanedDocument, IngestError, UnsupportedFile
+from ingest.loaders import SUPPORTED_SUFFIXES, load
+from ingest.split import split_document
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "IngestError",
+    "PreparedDocument",
+    "UnsupportedFile",
+    "iter_candidate_files",
+    "prepare_file",
+]
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    """A file ready to be embedded: its cleaned text and its chunks."""
+
+    path: Path
+    cleaned: CleanedDocument
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+def prepare_file(path: Path, chunk_size: int, chunk_overlap: int) -> PreparedDocument:
+    """Load, clean and split ``path``.
+
+    Raises :class:`UnsupportedFile` for extensions zhiku does not read and
+    :class:`IngestError` for unreadable files and for files with nothing left after
+    cleaning ("no text after cleaning": e.g. only page numbers or link lists).
+    """
+    path = Path(path)
+    loaded = load(path)
+    cleaned = clean_document(loaded)
+    if not any(ch.isalnum() for ch in cleaned.text):
+        raise IngestError(path, "no text after cleaning")
+    chunks = split_document(cleaned, chunk_size, chunk_overlap)
+    if not chunks:  # pragma: no cover - non-empty text always gives a chunk
+        raise IngestError(path, "no text after cleaning")
+    return PreparedDocument(path, cleaned, chunks)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def iter_candidate_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """The files to ingest for the paths a user gave.
+
+    A directory is walked recursively in sorted order, skipping hidden files and
+    directories (names starting with "."); *every* other file in it is yielded, so
+    that the caller can report unsupported ones as skipped. A path that is not a
+    directory is yielded as given (even when hidden or missing: loading it then
+    reports the problem). Each file is yielded once.
+    """
+    seen: set[Path] = set()
+
+    def once(path: Path) -> bool:
+        try:
+            key = path.resolve()
+        except OSError:  # pragma: no cover - e.g. a symlink loop
+            key = path.absolute()
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    for given in paths:
+        given = Path(given)
+        if not given.is_dir():
+            if once(given):
+                yield given
+            continue
+        for root, dirs, files in os.walk(given):
+            dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+            for name in sorted(files):
+                if _is_hidden(name):
+                    continue
+                path = Path(root) / name
+                if once(path):
+                    yield path
