@@ -182,7 +182,7 @@ def _code_mask(lines: list[str]) -> list[bool]:
 
 _LIST_ITEM = re.compile(
     r"^\s*(?:[-*+•·●○■□▪◦◆◇▶►➢✓✔]\s+"  # bullets
-    r"|\d{1,3}[.)、．]\s*(?=\S)"  # 1. 1) 1、
+    r"|\d{1,3}(?:[.．)]\s+|、)"  # "1. " "1) " "1、" (not "2.5e-5")
     r"|[(（]\s*(?:\d{1,3}|[a-zA-Z]|[一二三四五六七八九十]{1,3})\s*[)）]"  # (1) （一）
     r"|[一二三四五六七八九十百]{1,3}[、.．]"  # 一、
     r"|[a-zA-Z][.)]\s+"  # a. b)
@@ -217,10 +217,11 @@ def _edge_key(line: str) -> str:
 
 def remove_repeated_edge_lines(pages: list[str], edge: int = 3, min_share: float = 0.3) -> list[str]:
     """Drop running headers/footers: a line among the first or last ``edge`` non-blank
-    lines of a page (at most a third of its lines) whose digit-normalised form ("4 / 57" → "# / #") appears in that
-    zone on at least ``min_share`` of the pages (and on at least 2 pages; 3 when the
-    document has 4 pages or more). Repeated until nothing changes (at most 4 rounds), so
-    footers several lines deep go too.
+    lines of a page (at most a third of its lines) whose digit-normalised form
+    ("4 / 57" → "# / #", a page number at either end ignored) appears in that zone on at
+    least ``min_share`` of the pages (and on at least 2 pages; 3 when the document has
+    4 pages or more). Repeated until nothing changes (at most 4 rounds), so footers
+    several lines deep go too.
 
     >>> pages = [f"知库手册\\n{body}\\n{i} / 3" for i, body in enumerate(["甲。", "乙。", "丙。"], 1)]
     >>> remove_repeated_edge_lines(pages)
@@ -274,8 +275,7 @@ _PAGINATION_TOTAL = re.compile(r"^\s*(?:共|total:?)\s*\d+\s*(?:条|页|頁|篇|
 _BULLET_ONLY = re.compile(r"^\s*[-–—•·*●○■□▪◦]\s*$")
 _CRUMB = re.compile(
     r"^\s*(?:当前位置|您的位置|你的位置|您现在的位置|你现在的位置|当前的位置|所在位置)\s*[:：]"
-    r"|^\s*(?:首页|主页|网站首页|Home)\s*(?:>|»|›|＞|/|→)\s*\S",
-    re.I,
+    r"|^\s*(?:首页|主页|网站首页|Home)\s*(?:>|»|›|＞|→)\s*\S",
 )
 _RELATED_HEADING = re.compile(
     r"^\s*(?:#{1,6}\s*)?(?:\*\*)?"

@@ -32,6 +32,13 @@ _DETECT_SAMPLE = 256 * 1024
 # Decoded text with more than this share of control characters is binary.
 _MAX_CONTROL_RATIO = 0.05
 
+# Undecodable bytes per valid non-ASCII character allowed in a file still read as UTF-8
+# (or at most 2 among 50 or more valid ones).
+_MAX_BAD_UTF8 = 0.001
+
+# chardet guesses below this confidence are second to GB18030 when that decodes to Chinese.
+_CONFIDENT = 0.5
+
 _GB_FAMILY = {"gb2312", "gbk", "gb18030", "cp936", "euc-cn", "hz-gb-2312", "x-gbk"}
 _CID = re.compile(r"\(cid:\d+\)")
 
@@ -80,11 +87,16 @@ _BOMS = (
 def decode_text(data: bytes, path: Path | str = "<bytes>") -> str:
     """Decode the bytes of a text file; the BOM, if any, is dropped.
 
-    Order: a BOM decides (UTF-8, UTF-16 LE/BE, UTF-32); then strict UTF-8, which
-    is right for most files; then chardet, where any GB2312/GBK guess decodes as
-    GB18030 (a superset: rare characters such as 镕 or 㐀 survive). Binary data
-    (NUL bytes without a UTF-16/32 encoding, undecodable bytes, mostly control
-    characters) raises ``IngestError("binary file ...")``; empty or
+    Order: a BOM decides (UTF-8, UTF-16 LE/BE, UTF-32); then strict UTF-8, right for
+    most files (a file that is UTF-8 but for one or two bad bytes stays UTF-8, the
+    bad bytes becoming U+FFFD); then chardet, where any GB2312/GBK guess decodes as
+    GB18030 (a superset: rare characters such as 镕 or 㐀 survive). An unsure guess
+    (confidence < 0.5, e.g. Windows-1252 for a mostly-ASCII GBK file) loses to
+    GB18030 when GB18030 decodes the bytes to Chinese - the Chinese-first choice,
+    at the price of a very short Latin-1 text being misread.
+
+    Binary data (NUL bytes without a UTF-16/32 encoding, undecodable bytes, mostly
+    control characters) raises ``IngestError("binary file ...")``; empty or
     whitespace-only text raises ``IngestError("no text")``.
     """
     if not data.strip():
@@ -113,6 +125,13 @@ def _decode_without_bom(data: bytes, path: Path | str) -> str:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             pass
+        # UTF-8 with a few bad bytes (a file cut mid-character, one stray Latin-1 byte):
+        # still UTF-8. Text in a legacy encoding fails on nearly every non-ASCII character.
+        lenient = data.decode("utf-8", errors="replace")
+        bad = lenient.count("\ufffd") - data.count("\ufffd".encode())
+        good = sum(1 for ch in lenient if not ch.isascii() and ch != "\ufffd")
+        if bad <= _MAX_BAD_UTF8 * good or (bad <= 2 and good >= 50):
+            return lenient
     import chardet  # imported lazily: not needed for the common UTF-8 case
 
     guess = chardet.detect(data[:_DETECT_SAMPLE])
@@ -125,19 +144,36 @@ def _decode_without_bom(data: bytes, path: Path | str) -> str:
             except UnicodeDecodeError:
                 pass
         raise IngestError(path, "binary file (contains NUL bytes), not text")
-    candidates: list[str] = []
     if encoding in _GB_FAMILY:
-        candidates.append("gb18030")
-    elif encoding:
-        candidates.append(encoding)
-    # Chinese-first fallback: GB18030 decodes any GBK file that chardet missed.
-    candidates.append("gb18030")
+        candidates = ["gb18030"]
+    elif encoding and (guess.get("confidence") or 0) >= _CONFIDENT:
+        candidates = [encoding, "gb18030"]
+    else:
+        # An unsure guess (typically Windows-1252 for a mostly-ASCII GBK file): GB18030
+        # first when it decodes to Chinese, then the guess, then GB18030 anyway.
+        gb = _try_decode(data, "gb18030")
+        if gb is not None and _mostly_cjk(gb):
+            return gb
+        candidates = [encoding, "gb18030"] if encoding else ["gb18030"]
     for candidate in candidates:
-        try:
-            return data.decode(candidate)
-        except (UnicodeDecodeError, LookupError):
-            continue
+        text = _try_decode(data, candidate)
+        if text is not None:
+            return text
     raise IngestError(path, "binary file or unknown text encoding (not UTF-8, GB18030 or a detectable encoding)")
+
+
+def _try_decode(data: bytes, encoding: str) -> str | None:
+    try:
+        return data.decode(encoding)
+    except (UnicodeDecodeError, LookupError):
+        return None
+
+
+def _mostly_cjk(text: str) -> bool:
+    """Nine in ten non-ASCII characters are CJK ideographs or CJK/full-width punctuation."""
+    others = [ch for ch in text if not ch.isascii()]
+    cjk = sum(1 for ch in others if "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef" or "\U00020000" <= ch)
+    return bool(others) and cjk >= 0.9 * len(others)
 
 
 def _looks_binary(text: str) -> bool:
@@ -170,9 +206,12 @@ def load_pdf_pages(path: Path) -> list[Page]:
 
     pages: list[Page] = []
     try:
-        with pdfplumber.open(path) as pdf:
+        with pdfplumber.open(path, raise_unicode_errors=False) as pdf:
             for page in pdf.pages:
-                pages.append(Page(page.page_number, page.extract_text() or ""))
+                try:
+                    pages.append(Page(page.page_number, page.extract_text() or ""))
+                finally:
+                    page.close()  # drop the page's parsed objects: memory stays flat on long PDFs
     except PdfminerException as exc:
         # pdfplumber wraps whatever pdfminer raised while opening or parsing a page.
         cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc

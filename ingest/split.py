@@ -20,8 +20,11 @@ The rule, in two steps:
    ``chunk_size`` characters.
 
 Consequences: ``chunk.text == doc.text[chunk.start:chunk.end]``; ``len(chunk.text) <=
-chunk_size``; consecutive chunks share ≥ ``min(ceil(chunk_overlap / 2), len(previous) - 1)``
-characters; together the chunks cover every non-whitespace character of the text.
+chunk_size``; together the chunks cover every non-whitespace character of the text;
+consecutive chunks share at most ``chunk_overlap`` and at least
+``min(ceil(chunk_overlap / 2), len(previous) - 1)`` characters - except where a long run
+of whitespace (deep indentation) separates two pieces, when the size limit wins and
+the overlap shrinks by that much.
 """
 
 from __future__ import annotations

@@ -148,6 +148,12 @@ def test_paragraph_breaks_titles_and_sentence_ends_are_kept():
     assert join_broken_lines(raw) == raw
 
 
+def test_numbers_at_line_start_are_not_list_items():
+    # modelarts-training-guide.pdf, page 3 (a table flowed into text)
+    raw = "表示训练中所有机器一个step所处理的样本量。 TP 8 表示张量并行。 PP 1 表示流水线并行。 LR\n2.5e-5 学习率设置。 MIN_LR 2.5e-6 最小学习率设置。"
+    assert join_broken_lines(raw) == raw.replace("LR\n2.5e-5", "LR 2.5e-5")
+
+
 def test_list_item_continuation_lines_join():
     raw = "- 加快通讯效率：针对分布式训练，特别是在大模型训练的过程中，通讯的开销\n  制约了网络模型训练的整体性能。\n- 降低功耗"
     assert join_broken_lines(raw) == "- 加快通讯效率：针对分布式训练，特别是在大模型训练的过程中，通讯的开销制约了网络模型训练的整体性能。\n- 降低功耗"

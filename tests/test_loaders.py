@@ -190,9 +190,33 @@ def test_short_gbk_file(tmp_path):
     assert load(write_text(tmp_path / "short.txt", "你好", "gbk")).pages[0].text == "你好"
 
 
+@pytest.mark.parametrize(
+    "text,encoding",
+    [
+        ("這是繁體中文的句子，測試編碼是否被正確識別。" * 5, "big5"),
+        ("これは日本語の文章です。文字コードを判定します。" * 5, "shift_jis"),
+        ("Le café est très bon. Résumé : naïve façade à Montréal.\n" * 5, "cp1252"),
+    ],
+)
+def test_other_legacy_encodings_chardet_is_sure_of(tmp_path, text, encoding):
+    assert load(write_text(tmp_path / "legacy.txt", text, encoding)).pages[0].text == text
+
+
 def test_strict_utf8_is_tried_first():
     # valid UTF-8 is never handed to chardet (which might guess a legacy encoding)
     assert decode_text("naïve café – ok".encode()) == "naïve café – ok"
+
+
+def test_utf8_with_a_bad_byte_stays_utf8(tmp_path):
+    text = "这是一个UTF-8文件，内容很长。" * 50
+    path = tmp_path / "cut.txt"
+    path.write_bytes(text.encode() + "镕".encode()[:2])  # cut in the middle of the last character
+    assert load(path).pages[0].text == text + "\ufffd"
+
+
+def test_mostly_ascii_gbk_file_is_not_read_as_broken_utf8(tmp_path):
+    text = "Maintainer: 朱镕基 <zhu@example.com>\n" + "All the rest of this file is ASCII.\n" * 20
+    assert load(write_text(tmp_path / "README.txt", text, "gbk")).pages[0].text == text
 
 
 def test_binary_file_with_text_extension(tmp_path):
