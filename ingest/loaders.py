@@ -139,10 +139,9 @@ def _decode_without_bom(data: bytes, path: Path | str) -> str:
     if has_nul:
         # Text files never contain NUL unless they are UTF-16/32 without a BOM.
         if encoding.startswith(("utf-16", "utf-32")):
-            try:
-                return data.decode(encoding)
-            except UnicodeDecodeError:
-                pass
+            text = _try_decode(data, encoding)
+            if text is not None and _mostly_common_script(text):
+                return text
         raise IngestError(path, "binary file (contains NUL bytes), not text")
     if encoding in _GB_FAMILY:
         candidates = ["gb18030"]
@@ -174,6 +173,21 @@ def _mostly_cjk(text: str) -> bool:
     others = [ch for ch in text if not ch.isascii()]
     cjk = sum(1 for ch in others if "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef" or "\U00020000" <= ch)
     return bool(others) and cjk >= 0.9 * len(others)
+
+
+def _mostly_common_script(text: str) -> bool:
+    """Nine in ten characters are ASCII, CJK, full-width or whitespace.
+
+    Guards BOM-less UTF-16/32 guesses: binary data decoded that way turns into a
+    scatter of rare code points.
+    """
+    sample = text[:_DETECT_SAMPLE]
+    common = sum(
+        1
+        for ch in sample
+        if ch.isascii() or ch.isspace() or "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef" or ch >= "\U00020000"
+    )
+    return common >= 0.9 * max(len(sample), 1)
 
 
 def _looks_binary(text: str) -> bool:
