@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds a second writer waits for a knowledge base's lock; 0 fails at once."
     )
     exact_search_max_chunks: int = Field(
-        200_000, ge=1, description="Above this many chunks a knowledge base switches to an IVF index."
+        50_000, ge=1, description="Above this many chunks a knowledge base switches to an IVF index (measured: flat p50 passes 5 ms near 55k)."
     )
     ivf_nprobe: int = Field(32, ge=1)
 
