@@ -30,6 +30,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from bench.report import write_section
 import psutil
 
 from memory.vector_index import DEFAULT_NPROBE, VectorIndex, new_ivf, nlist_for_size, training_sample
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report + ["", "Notes:", ""] + [f"- {n}" for n in notes]) + "\n", encoding="utf-8")
     print(f"\nwritten to {args.out}")
+    body = "\n".join(line for line in report if not line.startswith("# "))
+    write_section("search_scale", "Vector search at 100k and 1M chunks", "python -m bench.search_scale", body)
 
 
 if __name__ == "__main__":
