@@ -30,9 +30,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 
 from bench.report import write_section
-import psutil
 
 from memory.vector_index import DEFAULT_NPROBE, VectorIndex, new_ivf, nlist_for_size, training_sample
 
