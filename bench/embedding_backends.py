@@ -1,4 +1,4 @@
-"""Speed and retrieval quality of the embedding backends: torch fp32, ONNX fp32, ONNX int8.
+"""Speed and retrieval quality of the embedding backends: torch fp32 / bf16, ONNX fp32, ONNX int8.
 
     python -m bench.embedding_backends [--passages 300] [--questions 300] [--pool 3000]
                                        [--model bundled:multilingual-e5-small] [--docs]
@@ -34,7 +34,14 @@ from bench.report import markdown_table, write_section
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ZH = ROOT.parent / "shared" / "corpus" / "zh"
 OUT = ROOT / "bench" / "out" / "embedding_backends.md"
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
+# A bench label -> (Embedder backend, torch dtype).
+VARIANTS = {
+    "torch": ("torch", "float32"),
+    "torch-bf16": ("torch", "bfloat16"),
+    "onnx": ("onnx", "float32"),
+    "onnx-int8": ("onnx-int8", "float32"),
+}
 
 
 def _read_text(path: Path) -> str:
@@ -92,7 +99,10 @@ def run_backend(backend: str, model: str, path: Path, onnx_dir: Path, args, data
     from memory.embedding import Embedder
 
     started = time.perf_counter()
-    embedder = Embedder(model, path, backend=backend, device="cpu", batch_size=args.batch_size, onnx_dir=onnx_dir)
+    kind, dtype = VARIANTS[backend]
+    embedder = Embedder(
+        model, path, backend=kind, device="cpu", dtype=dtype, batch_size=args.batch_size, onnx_dir=onnx_dir
+    )
     load_s = time.perf_counter() - started
     embedder.embed_passages(data["passages"][:16])  # warm-up
     best = float("inf")
@@ -115,7 +125,7 @@ def run_backend(backend: str, model: str, path: Path, onnx_dir: Path, args, data
 
 
 def _model_mb(backend: str, path: Path, onnx_dir: Path) -> float:
-    name = {"torch": None, "onnx": "model.onnx", "onnx-int8": "model_qint8.onnx"}[backend]
+    name = {"torch": None, "torch-bf16": None, "onnx": "model.onnx", "onnx-int8": "model_qint8.onnx"}[backend]
     file = path / "model.safetensors" if name is None else onnx_dir / name
     return file.stat().st_size / 2**20 if file.is_file() else float("nan")
 

