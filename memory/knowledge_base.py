@@ -22,10 +22,8 @@ half-rebuilt store is never the active one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from memory.chunk_store import ChunkRecord, ChunkStore, NewChunk
+from memory.files import fsync_dir, write_atomically
 from memory.vector_index import VectorIndex, VectorIndexError, reconcile
 
 MANIFEST = "manifest.json"
@@ -96,29 +95,6 @@ class Manifest:
 
     def write(self, path: Path) -> None:
         write_atomically(path, json.dumps(asdict(self), ensure_ascii=False, indent=2).encode("utf-8"))
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

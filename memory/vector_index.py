@@ -47,6 +47,8 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
+from memory.files import fsync_dir
+
 # Defaults measured by bench/search_scale.py (2 cores, dim 384).
 DEFAULT_EXACT_MAX = 50_000
 """Flat search up to this many chunks: flat p50 is 4.0-4.4 ms at 50k, 6.0-6.4 ms at 60k."""
@@ -155,19 +157,6 @@ def _omp_threads(threads: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class VectorIndex:
     """Cosine-similarity search over normalised vectors keyed by int64 chunk id.
 
@@ -247,7 +236,7 @@ class VectorIndex:
             if isinstance(exc, (OSError, RuntimeError)):
                 raise VectorIndexError(f"could not save vector index {path}: {exc}") from exc
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     @property
     def dimension(self) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from memory.ingestion import add_paths, file_sha256
+from memory.files import file_sha256
+from memory.ingestion import add_paths
 from memory.knowledge_base import KnowledgeBases
 from settings import Settings
 

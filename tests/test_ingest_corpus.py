@@ -9,7 +9,6 @@ import re
 import time
 import unicodedata
 from functools import cache
-from pathlib import Path
 
 import pytest
 
