@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(32, ge=1)
 
     # splitting (defaults measured on shared/eval/dev.jsonl, see docs/BENCHMARKS.md)
-    chunk_size: int = Field(400, ge=50, description="Maximum characters per chunk.")
-    chunk_overlap: int = Field(80, ge=0, description="Characters shared by consecutive chunks.")
+    chunk_size: int = Field(600, ge=50, description="Maximum characters per chunk.")
+    chunk_overlap: int = Field(120, ge=0, description="Characters shared by consecutive chunks.")
 
     # knowledge bases
     default_kb: str = "default"

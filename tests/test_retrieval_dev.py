@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 # Measured with the default settings (see docs/BENCHMARKS.md, "Chunking"); a drop below
 # this floor means a change made retrieval worse.
-HIT_AT_5_FLOOR = 0.6
+HIT_AT_5_FLOOR = 0.6  # measured 0.655 at 600/120
 
 
 def test_dense_hit_at_5_on_dev_questions(settings, embedder, shared_dir):
