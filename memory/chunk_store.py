@@ -90,26 +90,30 @@ class NewChunk:
     vector: np.ndarray
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a chunk store in WAL mode.
+def connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    """Open a chunk store in WAL mode; ``create`` makes the file and schema (writers only).
 
     WAL lets readers keep a consistent snapshot while a writer commits, and a
-    killed writer's half transaction is rolled back on the next open.
+    killed writer's half transaction is rolled back on the next open. Readers
+    never write, so they are never blocked by a writer's lock.
     """
+    if not create and not path.is_file():
+        raise FileNotFoundError(f"chunk store {path} is missing")
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.executescript(SCHEMA)
+    if create:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
     return conn
 
 
 class ChunkStore:
     """Typed queries over one knowledge base's SQLite file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, create: bool = False):
         self.path = path
-        self.conn = connect(path)
+        self.conn = connect(path, create=create)
 
     def close(self) -> None:
         self.conn.close()

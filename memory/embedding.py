@@ -27,6 +27,9 @@ quantised to int8 weights, run by onnxruntime; needs the ``onnx`` extra).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -228,15 +231,22 @@ class Embedder:
         self.device = _resolve_device(device)
         self.batch_size = batch_size
         self.query_prompt, self.passage_prompt = model_prompts(self.path, model_id)
-        if backend == "torch":
-            self.dtype = resolve_dtype(dtype, self.device)
-            self.encoder: _Encoder = _TorchEncoder(self.path, self.device, self.dtype)
-        elif backend in ("onnx", "onnx-int8"):
-            target = onnx_dir or self.path / "onnx"
-            self.encoder = _OnnxEncoder(self.path, target, quantized=backend == "onnx-int8", device=self.device)
-        else:
+        if backend not in ("torch", "onnx", "onnx-int8"):
             raise ValueError(f"unknown embedding backend {backend!r}")
-        self.dimension: int = self.encoder.dimension
+        self.dtype = resolve_dtype(dtype, self.device) if backend == "torch" else "float32"
+        self._onnx_dir = onnx_dir or self.path / "onnx"
+
+    @functools.cached_property
+    def encoder(self) -> _Encoder:
+        """The model, loaded on first use: a re-ingest with nothing new never pays for it."""
+        if self.backend == "torch":
+            return _TorchEncoder(self.path, self.device, self.dtype)
+        return _OnnxEncoder(self.path, self._onnx_dir, quantized=self.backend == "onnx-int8", device=self.device)
+
+    @functools.cached_property
+    def dimension(self) -> int:
+        """Vector size, read from the pooling config when there is one (no model load)."""
+        return _pooling_dimension(self.path) or self.encoder.dimension
 
     def __repr__(self) -> str:
         precision = f", dtype={self.dtype!r}" if self.backend == "torch" else ""
@@ -267,6 +277,7 @@ class Embedder:
         for start in range(0, len(order), step):
             idx = order[start : start + step]
             vectors[idx] = self.encoder.encode([unique[i] for i in idx], prompt, task, self.batch_size)
+            release_freed_memory()
             done += int(covers[idx].sum())
             if progress is not None:
                 progress(done)
@@ -312,6 +323,37 @@ def _dedupe(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _pooling_dimension(path: Path) -> int | None:
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8"))
+        pooling = next(m for m in modules if m.get("type", "").endswith("Pooling"))
+        config = json.loads((path / pooling["path"] / "config.json").read_text(encoding="utf-8"))
+        return int(config["word_embedding_dimension"])
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc only).
+
+    Batches of varying sequence length leave the heap fragmented, and RSS grew
+    from 1.1 GB to 2+ GB over 6k passages; trimming after each group of batches
+    keeps it near 1.25 GB at no measurable cost.
+    """
+    if _LIBC_TRIM is not None:
+        _LIBC_TRIM(0)
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC_TRIM = _find_malloc_trim()
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

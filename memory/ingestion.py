@@ -2,14 +2,16 @@
 
 ``add_paths`` is what ``ingest add`` runs. A file is re-read only when its
 content hash changed; a chunk text already embedded anywhere in the knowledge
-base (or earlier in the batch) reuses its vector instead of being embedded again.
-Documents are committed in batches, each one transaction, so a kill loses at most
-the batch in flight and the next run finishes the work.
+base (or earlier in the run) reuses its vector instead of being embedded again.
+Embedding runs in a worker thread while the next files are parsed. Documents are
+committed in batches, each one transaction, so a kill loses at most the batches
+in flight and the next run finishes the work.
 """
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +105,35 @@ def check_compatible(manifest: Manifest, embedding_model: str | None, chunk_size
             )
 
 
+class _CumulativeToDelta:
+    """Turns an embedder's "n done so far" callbacks into progress advances."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        self.progress.chunks_embedded(done - self.done)
+        self.done = done
+
+
+@dataclass
+class _InFlight:
+    """A batch whose new texts are being embedded in the background."""
+
+    documents: list[tuple[DocumentUpdate, list]]
+    known: dict[str, np.ndarray]
+    missing: list[str]
+    vectors: Future
+
+
 class _Batcher:
-    """Collects document updates, embeds their new chunk texts once, commits them together."""
+    """Collects documents, embeds each batch in a worker thread while the next one is parsed,
+    and commits batches in order from the calling thread (one transaction each).
+
+    A text is embedded once: texts already stored are reused, and texts of the batch
+    still in flight are taken from its results when the next batch commits.
+    """
 
     def __init__(self, kb: KnowledgeBase, embedder, progress: Progress):
         self.kb = kb
@@ -112,29 +141,54 @@ class _Batcher:
         self.progress = progress
         self.pending: list[tuple[DocumentUpdate, list]] = []
         self.pending_chunks = 0
+        self.in_flight: _InFlight | None = None
+        self.previous_fresh: dict[str, np.ndarray] = {}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiku-embed")
 
     def add(self, update: DocumentUpdate, chunks: list) -> None:
         self.pending.append((update, chunks))
         self.pending_chunks += len(chunks)
         self.progress.chunks_queued(len(chunks))
         if self.pending_chunks >= EMBED_BATCH_CHUNKS:
-            self.flush()
+            self._submit()
 
-    def flush(self) -> None:
-        if not self.pending:
+    def finish(self) -> None:
+        """Embed and commit everything still pending."""
+        if self.pending:
+            self._submit()
+        self._commit_in_flight()
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> None:
+        documents, self.pending, self.pending_chunks = self.pending, [], 0
+        texts = {text_sha256(c.text): c.text for _, chunks in documents for c in chunks}
+        known = self.kb.store.vectors_by_text(texts)
+        embedding_now = set(self.in_flight.missing) if self.in_flight else set()
+        missing = [sha for sha in texts if sha not in known and sha not in embedding_now]
+        self.progress.chunks_embedded(sum(len(chunks) for _, chunks in documents) - len(missing))
+        vectors = self.worker.submit(
+            self.embedder.embed_passages, [texts[sha] for sha in missing], _CumulativeToDelta(self.progress)
+        )
+        self._commit_in_flight()
+        self.in_flight = _InFlight(documents, known, missing, vectors)
+
+    def _commit_in_flight(self) -> None:
+        if self.in_flight is None:
             return
-        texts = [c.text for _, chunks in self.pending for c in chunks]
-        vectors = embed_reusing(self.kb.store, self.embedder, texts, self.progress)
-        updates, cursor = [], 0
-        for update, chunks in self.pending:
+        batch, self.in_flight = self.in_flight, None
+        fresh = dict(zip(batch.missing, batch.vectors.result()))
+        lookup = {**self.previous_fresh, **batch.known, **fresh}
+        updates = []
+        for update, chunks in batch.documents:
             new_chunks = tuple(
-                NewChunk(c.ordinal, c.text, text_sha256(c.text), tuple(c.pages), c.start, c.end, vectors[cursor + i])
-                for i, c in enumerate(chunks)
+                NewChunk(c.ordinal, c.text, sha, tuple(c.pages), c.start, c.end, lookup[sha])
+                for c, sha in ((c, text_sha256(c.text)) for c in chunks)
             )
-            cursor += len(chunks)
             updates.append(DocumentUpdate(update.path, update.sha256, update.size, update.status, update.error, new_chunks))
         self.kb.put_documents(updates)
-        self.pending, self.pending_chunks = [], 0
+        self.previous_fresh = fresh
 
 
 def embed_reusing(store: ChunkStore, embedder, texts: list[str], progress: Progress) -> np.ndarray:
@@ -142,11 +196,9 @@ def embed_reusing(store: ChunkStore, embedder, texts: list[str], progress: Progr
     shas = [text_sha256(t) for t in texts]
     known = store.vectors_by_text(shas)
     missing = list(dict.fromkeys(t for t, s in zip(texts, shas) if s not in known))
-    reused = len(texts) - len(missing)
-    if reused:
-        progress.chunks_embedded(reused)
+    progress.chunks_embedded(len(texts) - len(missing))
     if missing:
-        fresh = embedder.embed_passages(missing, progress=progress.chunks_embedded)
+        fresh = embedder.embed_passages(missing, progress=_CumulativeToDelta(progress))
         known.update({text_sha256(t): v for t, v in zip(missing, fresh)})
     return np.vstack([known[s] for s in shas]) if texts else np.zeros((0, embedder.dimension), np.float32)
 
@@ -171,11 +223,14 @@ def add_paths(
         files = list(iter_candidate_files(paths))
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress)
-        for path in files:
-            outcome = _ingest_file(kb, batcher, path, chunk_size, chunk_overlap)
-            report.outcomes.append(outcome)
-            progress.file_done(outcome.path)
-        batcher.flush()
+        try:
+            for path in files:
+                outcome = _ingest_file(kb, batcher, path, chunk_size, chunk_overlap)
+                report.outcomes.append(outcome)
+                progress.file_done(outcome.path)
+            batcher.finish()
+        finally:
+            batcher.close()
         if prune:
             report.outcomes += prune_missing(kb, paths)
     return report
@@ -246,7 +301,7 @@ def rebuild(kbs: KnowledgeBases, name: str, embedder, progress: Progress | None 
         directory = kbs.root / name
         (directory / new.store).mkdir(exist_ok=True)
         source = ChunkStore(directory / old.store / STORE_DB)
-        target = ChunkStore(directory / new.store / STORE_DB)
+        target = ChunkStore(directory / new.store / STORE_DB, create=True)
         try:
             _copy_reembedded(source, target, embedder, progress)
         finally:

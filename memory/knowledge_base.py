@@ -114,7 +114,7 @@ class KnowledgeBase:
         self.writable = writable
         self._exact_max = exact_max
         self._nprobe = nprobe
-        self.store = ChunkStore(self.store_dir / STORE_DB)
+        self.store = ChunkStore(self.store_dir / STORE_DB, create=writable)
         self.index = VectorIndex.create(manifest.dimension)
         self.generation = -1
         self._index_saved_at = time.monotonic()
@@ -397,7 +397,7 @@ class KnowledgeBases:
         directory = self.root / manifest.name
         store_dir = directory / manifest.store
         store_dir.mkdir(parents=True, exist_ok=True)
-        ChunkStore(store_dir / STORE_DB).close()
+        ChunkStore(store_dir / STORE_DB, create=True).close()
         manifest.write(directory / MANIFEST)
 
     def _remove_stray_stores(self, name: str) -> None:
