@@ -264,3 +264,40 @@ def test_scores_are_cosine_similarities(kbs, docs, embedder):
         assert hit.score == pytest.approx(float(stored @ query), abs=1e-5)
     finally:
         kb.close()
+
+
+def test_readers_are_not_blocked_by_a_writer_mid_transaction(kbs, docs, embedder):
+    ingest(kbs, [docs], embedder)
+    with kbs.writer("default") as writer:
+        writer.store.conn.execute("BEGIN IMMEDIATE")
+        writer.store.conn.execute("DELETE FROM chunks")  # uncommitted: readers must not see it
+        reader = kbs.open("default")
+        try:
+            assert reader.store.chunk_count() > 0
+            assert search(reader, embedder, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
+        finally:
+            reader.close()
+            writer.store.conn.execute("ROLLBACK")
+
+
+def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder, monkeypatch):
+    import memory.ingestion
+
+    monkeypatch.setattr(memory.ingestion, "EMBED_BATCH_CHUNKS", 2)  # many small batches in flight
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in range(8):
+        body = REFUND if n % 2 else f"第{n}号文件。" + WEATHER  # every other file repeats REFUND
+        (folder / f"f{n}.txt").write_text(body, encoding="utf-8")
+    counting = CountingEmbedder(embedder)
+    report = ingest(kbs, [folder], counting)
+    assert report.count("ingested") == 8
+    assert len(counting.embedded) == len(set(counting.embedded))
+    kb = kbs.open("default")
+    try:
+        assert kb.check_consistency() == []
+        assert all(d.chunk_count > 0 for d in kb.store.documents())
+        hits = search(kb, embedder, "怎么申请退款？", top_k=4)
+        assert {h.source.rsplit("/", 1)[1] for h in hits} <= {"f1.txt", "f3.txt", "f5.txt", "f7.txt"}
+    finally:
+        kb.close()
