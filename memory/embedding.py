@@ -406,8 +406,11 @@ class _TorchEncoder:
         from sentence_transformers import SentenceTransformer
 
         with _quiet_transformers():
-            self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        self.model.to(getattr(torch, dtype))
+            # Loaded straight in the target precision: no transient float32 copy.
+            self.model = SentenceTransformer(
+                str(path), device=device, local_files_only=True, model_kwargs={"dtype": getattr(torch, dtype)}
+            )
+        self.model.to(getattr(torch, dtype))  # modules outside the transformer (e.g. Dense) too
         dim = _st_dimension(self.model)
         self.dimension = dim if dim else int(self.encode(["x"], "", "query", 1).shape[1])
 
