@@ -228,13 +228,23 @@ class Embedder:
         self.model_id = model_id
         self.path = Path(path)
         self.backend = backend
-        self.device = _resolve_device(device)
+        self._device_setting = device
+        self._dtype_setting = dtype
         self.batch_size = batch_size
         self.query_prompt, self.passage_prompt = model_prompts(self.path, model_id)
         if backend not in ("torch", "onnx", "onnx-int8"):
             raise ValueError(f"unknown embedding backend {backend!r}")
-        self.dtype = resolve_dtype(dtype, self.device) if backend == "torch" else "float32"
         self._onnx_dir = onnx_dir or self.path / "onnx"
+
+    # device and precision are resolved on first use: that imports torch, which a
+    # re-ingest with nothing new should not pay for.
+    @functools.cached_property
+    def device(self) -> str:
+        return _resolve_device(self._device_setting)
+
+    @functools.cached_property
+    def dtype(self) -> str:
+        return resolve_dtype(self._dtype_setting, self.device) if self.backend == "torch" else "float32"
 
     @functools.cached_property
     def encoder(self) -> _Encoder:
