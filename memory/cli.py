@@ -41,10 +41,6 @@ KbOption = Annotated[Optional[str], typer.Option("--kb", help="Knowledge-base na
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-class UsageError(Exception):
-    pass
-
-
 @contextmanager
 def user_errors():
     """Turn known errors into one clear line and the documented exit code, never a traceback."""
@@ -53,7 +49,7 @@ def user_errors():
     except KnowledgeBaseBusy as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
-    except (KnowledgeBaseError, EmbeddingModelNotFound, UsageError) as exc:
+    except (KnowledgeBaseError, EmbeddingModelNotFound) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     except ValidationError as exc:
@@ -292,10 +288,6 @@ def search(
         console.print(f"[bold]{rank}. {where}[/bold]  score {result.score:.3f}")
         console.print(result.text.strip(), markup=False, highlight=False)
         console.print()
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    app()
 
 
 if __name__ == "__main__":  # python -m memory.cli
