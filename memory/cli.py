@@ -174,33 +174,25 @@ def list_knowledge_bases(kbs: KnowledgeBases) -> list[dict]:
     rows = []
     for name in kbs.names():
         manifest = kbs.manifest(name)
-        kb = kbs.open(name)
-        try:
-            documents = kb.store.documents()
-            rows.append(
-                {
-                    "name": name,
-                    "documents": len(documents),
-                    "chunks": sum(d.chunk_count for d in documents),
-                    "embedding_model": manifest.embedding_model,
-                    "chunk_size": manifest.chunk_size,
-                    "chunk_overlap": manifest.chunk_overlap,
-                }
-            )
-        finally:
-            kb.close()
+        documents = kbs.documents(name)
+        rows.append(
+            {
+                "name": name,
+                "documents": len(documents),
+                "chunks": sum(d.chunk_count for d in documents),
+                "embedding_model": manifest.embedding_model,
+                "chunk_size": manifest.chunk_size,
+                "chunk_overlap": manifest.chunk_overlap,
+            }
+        )
     return rows
 
 
 def list_documents(kbs: KnowledgeBases, name: str) -> list[dict]:
-    kb = kbs.open(name)
-    try:
-        return [
-            {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
-            for d in kb.store.documents()
-        ]
-    finally:
-        kb.close()
+    return [
+        {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
+        for d in kbs.documents(name)
+    ]
 
 
 @app.command()

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
-from memory.chunk_store import ChunkRecord, ChunkStore, NewChunk
+from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord, NewChunk
 from memory.files import fsync_dir, write_atomically
 from memory.vector_index import VectorIndex, VectorIndexError, reconcile
 
@@ -349,6 +349,15 @@ class KnowledgeBases:
                 f"knowledge base {name!r} does not exist (known: {known}); create it with `ingest add PATH --kb {name}`"
             )
         return Manifest.read(path)
+
+    def documents(self, name: str) -> list[DocumentRecord]:
+        """The documents of ``name``, read from its chunk store alone (no index load)."""
+        manifest = self.manifest(name)
+        store = ChunkStore(self.root / name / manifest.store / STORE_DB)
+        try:
+            return store.documents()
+        finally:
+            store.close()
 
     def open(self, name: str) -> KnowledgeBase:
         """Open for reading; sees committed state only."""
