@@ -5,6 +5,9 @@ be brought back in step from here (see ``memory.knowledge_base``), which is what
 makes a kill at any moment harmless: a document and all its chunks and vectors
 are committed in one transaction, or not at all.
 
+Each chunk's BM25 tokens (space-joined) are stored in the same transaction as the
+chunk, so the lexical index can be rebuilt without re-running the tokeniser.
+
 Chunk ids come from ``AUTOINCREMENT`` so an id is never reused: an index saved
 before a crash may miss ids or hold deleted ones, but an id it holds always
 means the same vector.
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from memory.lexical_index import join_tokens, tokenize
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -47,6 +52,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     start_offset INTEGER NOT NULL,
     end_offset INTEGER NOT NULL,
     vector BLOB NOT NULL,
+    tokens TEXT,
     UNIQUE (document_id, ordinal)
 );
 CREATE INDEX IF NOT EXISTS chunks_by_text ON chunks(text_sha);
@@ -88,6 +94,7 @@ class NewChunk:
     start: int
     end: int
     vector: np.ndarray
+    tokens: str | None = None  # space-joined BM25 tokens; computed from ``text`` when None
 
 
 def connect(path: Path, *, create: bool) -> sqlite3.Connection:
@@ -105,7 +112,15 @@ def connect(path: Path, *, create: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        _add_tokens_column(conn)
     return conn
+
+
+def _add_tokens_column(conn: sqlite3.Connection) -> None:
+    """Stores made before the lexical index lack ``chunks.tokens``; their NULL tokens are computed on read."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(chunks)")}
+    if "tokens" not in columns:
+        conn.execute("ALTER TABLE chunks ADD COLUMN tokens TEXT")
 
 
 class ChunkStore:
@@ -176,8 +191,8 @@ class ChunkStore:
         )
         doc_id = cur.lastrowid
         self.conn.executemany(
-            "INSERT INTO chunks(document_id, ordinal, text, text_sha, pages, start_offset, end_offset, vector)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO chunks(document_id, ordinal, text, text_sha, pages, start_offset, end_offset, vector, tokens)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     doc_id,
@@ -188,6 +203,7 @@ class ChunkStore:
                     c.start,
                     c.end,
                     np.ascontiguousarray(c.vector, dtype=np.float32).tobytes(),
+                    c.tokens if c.tokens is not None else join_tokens(tokenize(c.text)),
                 )
                 for c in chunks
             ],
@@ -260,6 +276,14 @@ class ChunkStore:
             (document_id, first, last),
         )
         return [_chunk_record(r) for r in rows]
+
+    def all_tokens(self) -> tuple[np.ndarray, list[list[str]]]:
+        """(ids, token lists) of every chunk, for building the BM25 index."""
+        ids, token_lists = [], []
+        for chunk_id, tokens, text in self.conn.execute("SELECT id, tokens, text FROM chunks ORDER BY id"):
+            ids.append(chunk_id)
+            token_lists.append(tokens.split() if tokens is not None else tokenize(text))
+        return np.asarray(ids, dtype=np.int64), token_lists
 
     def iter_chunk_texts(self) -> Iterator[tuple[int, str]]:
         yield from self.conn.execute("SELECT id, text FROM chunks ORDER BY id")

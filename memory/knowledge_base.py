@@ -5,6 +5,7 @@ Layout under ``<ZHIKU_HOME>/kb/``::
     <name>/manifest.json          what the knowledge base is: embedder, dimension, chunking, active store
     <name>/<store>/chunks.sqlite  documents, chunks and vectors (the source of truth)
     <name>/<store>/vectors.<generation>.faiss   the FAISS copy of the vectors
+    <name>/<store>/lexical.<generation>/        the BM25 index over the chunks' stored tokens
     .locks/<name>.lock            held by the one writer
 
 Scores are cosine similarities of L2-normalised vectors: 1.0 is identical,
@@ -17,6 +18,12 @@ store brings it in step (removing and adding the differing chunk ids), so a kill
 at any moment leaves a loadable, consistent knowledge base. The manifest is
 written last on create and replaced atomically on rebuild, so a half-created or
 half-rebuilt store is never the active one.
+
+The BM25 index follows the same rule: a folder saved atomically under the
+generation it reflects. It is rebuilt from the tokens stored with each chunk
+(cheap: no tokeniser runs) whenever the newest saved folder is older than the
+store; writers save it when they close, readers only build it in memory. It is
+built lazily, on the first lexical search, so dense-only work never pays for it.
 """
 
 from __future__ import annotations
@@ -35,11 +42,14 @@ from filelock import FileLock, Timeout
 
 from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord, NewChunk
 from memory.files import fsync_dir, write_atomically
+from memory.lexical_index import LexicalIndex, LexicalIndexError, tokenize
 from memory.vector_index import VectorIndex, VectorIndexError, reconcile
 
 MANIFEST = "manifest.json"
 STORE_DB = "chunks.sqlite"
 _INDEX_FILE = re.compile(r"^vectors\.(\d+)\.faiss$")
+_LEXICAL_DIR = re.compile(r"^lexical\.(\d+)$")
+_LEXICAL_TMP = re.compile(r"^\.lexical\.\d+\..*\.tmp$")
 _NAME = re.compile(r"^\w[\w.\-]{0,63}$")
 INDEX_SAVE_INTERVAL_S = 30.0
 
@@ -117,6 +127,8 @@ class KnowledgeBase:
         self.store = ChunkStore(self.store_dir / STORE_DB, create=writable)
         self.index = VectorIndex.create(manifest.dimension)
         self.generation = -1
+        self._lexical: LexicalIndex | None = None
+        self._lexical_generation = -1
         self._index_saved_at = time.monotonic()
         self.refresh()
 
@@ -131,6 +143,8 @@ class KnowledgeBase:
     def close(self) -> None:
         if self.writable:
             self.save_index()
+            if not (self.store_dir / f"lexical.{self.store.generation()}").is_dir():
+                self.save_lexical()
         self.store.close()
 
     # ---- keeping the index in step with the store ---------------------
@@ -183,6 +197,54 @@ class KnowledgeBase:
             if generation < self.generation:
                 path.unlink(missing_ok=True)
         self._index_saved_at = time.monotonic()
+
+    # ---- the lexical (BM25) index ----------------------------------------
+    def lexical_index(self) -> LexicalIndex:
+        """The BM25 index at the store's latest commit, loaded or rebuilt from stored tokens."""
+        with self.store.snapshot():
+            generation = self.store.generation()
+            if generation != self._lexical_generation or self._lexical is None:
+                self._lexical = self._saved_lexical(generation) or LexicalIndex.build(*self.store.all_tokens())
+                self._lexical_generation = generation
+        return self._lexical
+
+    def _saved_lexical(self, generation: int) -> LexicalIndex | None:
+        path = self.store_dir / f"lexical.{generation}"
+        if not path.is_dir():
+            return None
+        try:
+            return LexicalIndex.load(path)
+        except LexicalIndexError:
+            return None  # unreadable: rebuilt from the store (and re-saved by the next writer)
+
+    def _lexical_dirs(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.store_dir.iterdir():
+            match = _LEXICAL_DIR.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return found
+
+    def save_lexical(self) -> None:
+        """Save the BM25 index under the store's generation; drop older and half-written folders (writers only)."""
+        if not self.writable:
+            return
+        index = self.lexical_index()
+        generation = self._lexical_generation
+        current = self.store_dir / f"lexical.{generation}"
+        if not current.is_dir() or self._saved_lexical(generation) is None:
+            shutil.rmtree(current, ignore_errors=True)
+            index.save(current)
+        for older, path in self._lexical_dirs():
+            if older < generation:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.store_dir.iterdir():
+            if _LEXICAL_TMP.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def lexical_search(self, query: str, k: int) -> list[tuple[int, float]]:
+        """The ``k`` chunks with the best BM25 score for ``query``: (chunk id, score), best first."""
+        return self.lexical_index().search(tokenize(query), k)
 
     # ---- writing -------------------------------------------------------
     def put_documents(self, updates: list["DocumentUpdate"]) -> None:
@@ -250,8 +312,12 @@ class KnowledgeBase:
         joined text stays within ``char_budget`` characters (the hit itself is
         always kept whole).
         """
+        return join_without_overlap(self.neighbourhood(chunk, step, char_budget))
+
+    def neighbourhood(self, chunk: ChunkRecord, step: int, char_budget: int) -> list[ChunkRecord]:
+        """The chunks :meth:`expand` joins, in document order."""
         if step <= 0:
-            return chunk.text
+            return [chunk]
         around = self.store.chunks_of_document(chunk.document_id, chunk.ordinal - step, chunk.ordinal + step)
         by_ordinal = {c.ordinal: c for c in around}
         chosen = [chunk]
@@ -263,7 +329,11 @@ class KnowledgeBase:
                 candidate = sorted(chosen + [neighbour], key=lambda c: c.ordinal)
                 if _contiguous(candidate) and len(join_without_overlap(candidate)) <= char_budget:
                     chosen = candidate
-        return join_without_overlap(sorted(chosen, key=lambda c: c.ordinal))
+        return sorted(chosen, key=lambda c: c.ordinal)
+
+    def chunk_vectors(self, ids: list[int]) -> np.ndarray:
+        """Stored (normalised) vectors of chunk ids, in that order."""
+        return self._vectors_of(np.asarray(ids, dtype=np.int64))
 
     def check_consistency(self) -> list[str]:
         """Problems found (empty when the store and the index agree)."""
@@ -275,7 +345,18 @@ class KnowledgeBase:
                 f"index and store disagree: {len(index_ids - store_ids)} vectors without a chunk, "
                 f"{len(store_ids - index_ids)} chunks without a vector"
             )
+        problems += self._lexical_problems(store_ids)
         return problems
+
+    def _lexical_problems(self, store_ids: set[int]) -> list[str]:
+        """The BM25 index (saved one when current, else rebuilt) must cover exactly the stored chunks."""
+        lexical_ids = set(self.lexical_index().ids().tolist())
+        if lexical_ids == store_ids:
+            return []
+        return [
+            f"lexical index and store disagree: {len(lexical_ids - store_ids)} indexed chunks missing from the store, "
+            f"{len(store_ids - lexical_ids)} chunks not indexed"
+        ]
 
 
 def _contiguous(chunks: list[ChunkRecord]) -> bool:
