@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         description="Minimum dense cosine similarity of a passage sent to the generator; 0 disables.",
     )
     reranker_model: str | None = Field(None, description="Local path of a sentence-transformers CrossEncoder.")
+    fusion_dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in reciprocal rank fusion.")
+    fusion_lexical_weight: float = Field(
+        0.5, ge=0, description="Weight of the BM25 ranking in reciprocal rank fusion; 0 retrieves by embeddings alone."
+    )
+    fusion_rrf_k: int = Field(60, ge=0, description="Rank offset k of reciprocal rank fusion: weight / (k + rank).")
+    prompt_template_zh: str | None = Field(
+        None, description="System template for Chinese questions, with a {passages} placeholder; default: wenda's."
+    )
+    prompt_template_en: str | None = Field(None, description="System template for other questions, with {passages}.")
+    no_context_notice: bool = Field(
+        True, description="Begin the answer with a one-line notice when no passage passed the threshold."
+    )
 
     # generation (rag/)
     generator_model: str = Field(

@@ -1,0 +1,21 @@
+"""``GET /health`` (the process is alive) and ``GET /ready`` (models are loaded)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+def ready(request: Request) -> JSONResponse:
+    state = getattr(request.app.state, "zhiku", None)
+    if state is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": state.generator.model_id, "embedding_model": state.embedder.model_id})

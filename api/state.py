@@ -1,0 +1,93 @@
+"""What one running server holds: settings, knowledge bases, models, services.
+Built once at start-up and kept on ``app.state.zhiku`` (no module globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from memory.embedding import Embedder, load_embedder
+from memory.knowledge_base import KnowledgeBaseError, KnowledgeBases, validate_name
+from rag.chat import ChatService
+from rag.generation import Generator
+from rag.retrieval import Retriever
+from settings import Settings
+
+from api.errors import APIError
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    knowledge_bases: KnowledgeBases
+    embedder: Embedder
+    generator: Generator
+    retriever: Retriever
+    chat: ChatService
+    default_kb: str | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def model_ids(self) -> list[str]:
+        return [self.generator.model_id, *self.generator.adapters]
+
+    def resolve_model(self, requested: str) -> tuple[str | None, str | None]:
+        """``MODEL`` or ``MODEL@KB`` -> (adapter or None for the base, knowledge base or None)."""
+        model, at, kb = requested.rpartition("@") if "@" in requested else (requested, "", "")
+        if model == self.generator.model_id:
+            adapter = None
+        elif model in self.generator.adapters:
+            adapter = model
+        else:
+            known = ", ".join(self.model_ids())
+            raise APIError(404, f"The model '{requested}' does not exist; served models: {known}", param="model", code="model_not_found")
+        if at:
+            self.require_kb(kb, param="model")
+        return adapter, (kb or None)
+
+    def require_kb(self, name: str, *, param: str = "knowledge_base") -> str:
+        try:
+            if self.knowledge_bases.exists(name):
+                return name
+        except KnowledgeBaseError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_knowledge_base") from None
+        known = ", ".join(self.knowledge_bases.names()) or "none yet"
+        raise APIError(404, f"knowledge base '{name}' does not exist (known: {known})", param=param, code="knowledge_base_not_found")
+
+
+def load_generator(settings: Settings) -> Generator:
+    """The upstream backend when ``upstream_base_url`` is set, else the local model."""
+    if settings.upstream_base_url:
+        from rag.upstream_generator import UpstreamGenerator
+
+        return UpstreamGenerator.from_settings(settings)
+    from rag.local_generator import LocalGenerator
+
+    return LocalGenerator.from_settings(settings)
+
+
+def build_state(settings: Settings, default_kb: str | None = None) -> ServerState:
+    """Load every model (blocking; call from a worker thread)."""
+    if default_kb is not None:
+        validate_name(default_kb)
+    knowledge_bases = KnowledgeBases.from_settings(settings)
+    embedder = load_embedder(settings)
+    embedder.embed_queries(["warm-up"])  # load now, not on the first request
+    retriever = Retriever.from_settings(settings, knowledge_bases, embedder)
+    generator = load_generator(settings)
+    return ServerState(
+        settings=settings,
+        knowledge_bases=knowledge_bases,
+        embedder=embedder,
+        generator=generator,
+        retriever=retriever,
+        chat=ChatService(generator, retriever, settings),
+        default_kb=default_kb,
+    )
+
+
+def require_ready(request) -> None:
+    """Routes that need the models answer 503 until start-up has loaded them."""
+    if getattr(request.app.state, "zhiku", None) is None:
+        failure = getattr(request.app.state, "load_error", None)
+        message = f"the server failed to load its models: {failure}" if failure else "the server is loading its models"
+        raise APIError(503, message, code="not_ready", headers={"Retry-After": "5"})

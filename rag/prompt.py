@@ -1,0 +1,176 @@
+"""Prompt assembly: the one place that turns passages and a conversation into
+the messages a generator sees. ``finetune/`` renders its training samples with
+the same functions, so training and serving prompts cannot drift apart.
+
+The retrieved passages go into one system message::
+
+    <client's own system message, if any>
+
+    学习以下文段, 用中文回答用户问题。…
+
+    [1] (来源: guide.pdf, 第 3 页)
+    …passage text…
+
+    [2] (来源: faq.md)
+    …
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Callable, Protocol, Sequence
+
+from rag.generation import ContextOverflow, Message
+
+# wenda's instruction, extended with citation and "say so" — the issue's default.
+DEFAULT_TEMPLATE_ZH = (
+    "学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。"
+    "回答时用 [n] 标注所依据的文段编号；如果文段中没有答案，请明确说明文段中没有相关内容。\n\n"
+    "{passages}"
+)
+DEFAULT_TEMPLATE_EN = (
+    "Learn the following passages and answer the user's question in the user's language. "
+    "Cite the passages you use as [n]. If the passages do not contain the answer, say so, "
+    "then answer from your own knowledge.\n\n"
+    "{passages}"
+)
+NO_CONTEXT_NOTICE_ZH = "（知识库中没有找到相关文段，以下回答未参考知识库。）\n\n"
+NO_CONTEXT_NOTICE_EN = "(No relevant passage was found in the knowledge base; this answer does not draw on it.)\n\n"
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+# words that point back into the conversation: the retrieval query then needs the previous turn
+_REFERRING = re.compile(r"(它|它们|这个|那个|这些|那些|该|其|上述|\b(it|its|this|that|these|those|they|them)\b)", re.I)
+
+
+class PassageLike(Protocol):
+    text: str
+    source: str
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Templates:
+    """System-message templates; each must contain ``{passages}``."""
+
+    zh: str = DEFAULT_TEMPLATE_ZH
+    en: str = DEFAULT_TEMPLATE_EN
+
+    def __post_init__(self) -> None:
+        for name in ("zh", "en"):
+            if "{passages}" not in getattr(self, name):
+                raise ValueError(f"prompt template {name!r} must contain '{{passages}}'")
+
+    def for_language(self, language: str) -> str:
+        return self.zh if language == "zh" else self.en
+
+
+def language_of(text: str) -> str:
+    """'zh' when the text is mostly Chinese, else 'en' (the templates' two languages)."""
+    cjk = len(_CJK.findall(text))
+    letters = sum(ch.isalpha() for ch in text)
+    return "zh" if letters and cjk / letters >= 0.3 else "en"
+
+
+def no_context_notice(language: str) -> str:
+    return NO_CONTEXT_NOTICE_ZH if language == "zh" else NO_CONTEXT_NOTICE_EN
+
+
+def source_label(passage: PassageLike, language: str) -> str:
+    name = PurePath(passage.source).name or passage.source
+    if not passage.pages:
+        return name
+    first, last = passage.pages[0], passage.pages[-1]
+    span = str(first) if first == last else f"{first}-{last}"
+    return f"{name}, 第 {span} 页" if language == "zh" else f"{name}, page {span}"
+
+
+def render_passages(passages: Sequence[PassageLike], language: str) -> str:
+    label = "来源" if language == "zh" else "source"
+    return "\n\n".join(
+        f"[{i}] ({label}: {source_label(p, language)})\n{p.text.strip()}" for i, p in enumerate(passages, 1)
+    )
+
+
+def render_system_message(
+    passages: Sequence[PassageLike], language: str, templates: Templates = Templates(), client_system: str = ""
+) -> str:
+    """The system message: the client's own system text first, then the passages under the template."""
+    context = templates.for_language(language).replace("{passages}", render_passages(passages, language))
+    return f"{client_system.strip()}\n\n{context}" if client_system.strip() else context
+
+
+def split_conversation(messages: Sequence[Message]) -> tuple[str, list[Message], Message]:
+    """(client system text, earlier turns, the latest user turn). Several system messages are joined."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("the last message must come from the user")
+    return system, turns[:-1], turns[-1]
+
+
+def retrieval_query(history: Sequence[Message], question: str) -> str:
+    """The text to search with: the question, plus the previous user turn when the
+    question is short or refers back ("它的价格呢?", "what about its limits?")."""
+    previous = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+    short = len(question) < 12 if language_of(question) == "zh" else len(question.split()) < 5
+    if previous and (short or _REFERRING.search(question)):
+        return f"{previous}\n{question}"
+    return question
+
+
+@dataclass(frozen=True)
+class AssembledPrompt:
+    messages: list[Message]
+    passages: list  # the passages actually sent, in [n] order
+    dropped_turns: int  # history turns left out to fit the budget
+
+
+def assemble(
+    client_messages: Sequence[Message],
+    passages: Sequence[PassageLike],
+    *,
+    count_tokens: Callable[[list[Message]], int],
+    context_window: int,
+    max_tokens: int,
+    templates: Templates = Templates(),
+) -> AssembledPrompt:
+    """Fit system text, passages and history into ``context_window - max_tokens``.
+
+    Priority: the question and the client's system text are never cut (a request
+    that cannot fit them is a ContextOverflow); then passages in rank order; then
+    history, newest turns first.
+    """
+    client_system, history, question = split_conversation(client_messages)
+    language = language_of(question["content"])
+    budget = context_window - max_tokens
+
+    def build(chosen: Sequence[PassageLike], turns: Sequence[Message]) -> list[Message]:
+        system = render_system_message(chosen, language, templates, client_system) if chosen else client_system
+        head = [{"role": "system", "content": system}] if system else []
+        return head + list(turns) + [question]
+
+    needed = count_tokens(build([], []))
+    if needed > budget:
+        raise ContextOverflow(needed, max_tokens, context_window)
+    chosen = _pack_passages(passages, lambda ps: count_tokens(build(ps, [])) <= budget)
+    kept = _keep_recent_turns(history, lambda ts: count_tokens(build(chosen, ts)) <= budget)
+    return AssembledPrompt(build(chosen, kept), chosen, len(history) - len(kept))
+
+
+def _pack_passages(passages: Sequence[PassageLike], fits: Callable[[list], bool]) -> list:
+    chosen: list = []
+    for passage in passages:
+        if fits(chosen + [passage]):
+            chosen.append(passage)
+    return chosen
+
+
+def _keep_recent_turns(history: Sequence[Message], fits: Callable[[list], bool]) -> list[Message]:
+    """The longest suffix of ``history`` that fits, starting on a user turn."""
+    for start in range(len(history)):
+        suffix = list(history[start:])
+        if suffix[0]["role"] == "user" and fits(suffix):
+            return suffix
+    return []
