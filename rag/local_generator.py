@@ -230,7 +230,7 @@ class LocalGenerator:
                     attention_mask=attention_mask,
                     generation_config=config,
                     logits_processor=[_PickTokens(rows, self._pad_id)],
-                    stopping_criteria=[_AcceptTokens(rows)],
+                    stopping_criteria=[_AcceptTokens(rows, self._batcher.shutting_down)],
                 )
         except Exception as exc:  # every row learns about it; none is left hanging
             log.exception("generation failed for a batch of %d", len(rows))
@@ -445,6 +445,7 @@ class _Batcher:
         self._waiting: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self.shutting_down = threading.Event()  # read by running batches: stop at the next step
         self._running = 0
         self._batches = 0
         self._served = 0
@@ -484,6 +485,7 @@ class _Batcher:
             )
 
     def close(self) -> None:
+        self.shutting_down.set()
         with self._cond:
             self._closing = True
             leftovers = list(self._waiting)
@@ -720,11 +722,14 @@ class _PickTokens(LogitsProcessor):
 class _AcceptTokens(StoppingCriteria):
     """Stopping criteria: hands each live row its new token; a row is finished when it says so."""
 
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[_Row], shutting_down: threading.Event) -> None:
         self.rows = rows
+        self.shutting_down = shutting_down
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-            if not row.done:
+            if self.shutting_down.is_set():
+                row.done = True  # aclose(): stop now; _run_batch reports the row as unfinished
+            elif not row.done:
                 row.accept(token)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)

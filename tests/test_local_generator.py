@@ -272,3 +272,31 @@ def test_adapters_change_output_and_base_stays_base(generator_model_path, adapte
         assert run(alone.complete(CAPITAL, GREEDY, adapter="ptuning"))[0] == prefix
     finally:
         run(alone.aclose())
+
+
+def test_quantization_needs_cuda(generator_model_path):
+    from rag.local_generator import LocalGenerator
+
+    with pytest.raises(GenerationError, match="CUDA"):
+        LocalGenerator(generator_model_path, device="cpu", quantization="4bit")
+
+
+def test_aclose_ends_running_and_waiting_requests(generator_model_path):
+    from rag.local_generator import LocalGenerator
+
+    gen = LocalGenerator(generator_model_path, max_batch_size=1, batch_wait_s=0)
+
+    async def scenario():
+        running = asyncio.create_task(collect(gen, ESSAY, SamplingParams(max_tokens=400, temperature=0)))
+        while gen.stats().running < 1:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(collect(gen, CAPITAL, GREEDY))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        await gen.aclose()
+        results = await asyncio.gather(running, waiting, return_exceptions=True)
+        return time.perf_counter() - started, results
+
+    took, results = run(scenario())
+    assert all(isinstance(r, GenerationError) for r in results)
+    assert not gen.stats().ready and took < 10
