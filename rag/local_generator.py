@@ -136,11 +136,9 @@ class LocalGenerator:
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalGenerator":
         path = resolve_generator_model(settings.generator_model, settings)
-        name = settings.generator_model
-        model_id = BUNDLED_FOLDER_NAME if name == BUNDLED_GENERATOR_MODEL else (name if not Path(name).expanduser().exists() else path.name)
         return cls(
             path,
-            model_id=model_id,
+            model_id=_served_model_id(settings.generator_model),
             adapters=dict(settings.generator_adapters),
             device=settings.generator_device,
             dtype=settings.generator_dtype,
@@ -265,6 +263,14 @@ class LocalGenerator:
             bos_token_id=self.tokenizer.bos_token_id,
             use_cache=True,
         )
+
+
+def _served_model_id(name: str) -> str:
+    """What /v1/models lists: the bundled model's short name, a folder's name, or the hub id."""
+    if name == BUNDLED_GENERATOR_MODEL:
+        return BUNDLED_FOLDER_NAME
+    path = Path(name).expanduser()
+    return path.name if path.exists() else name
 
 
 def _validate(params: SamplingParams) -> None:
