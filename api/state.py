@@ -13,6 +13,8 @@ from rag.generation import Generator
 from rag.retrieval import Retriever
 from settings import Settings
 
+from fastapi import Request
+
 from api.errors import APIError
 
 
@@ -85,7 +87,7 @@ def build_state(settings: Settings, default_kb: str | None = None) -> ServerStat
     )
 
 
-def require_ready(request) -> None:
+def require_ready(request: Request) -> None:
     """Routes that need the models answer 503 until start-up has loaded them."""
     if getattr(request.app.state, "zhiku", None) is None:
         failure = getattr(request.app.state, "load_error", None)

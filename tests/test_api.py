@@ -88,9 +88,8 @@ def model(state) -> str:
 
 
 def ask(client, model, content=QUESTION, **kwargs):
-    return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], temperature=0, seed=7, max_tokens=24, **kwargs
-    )
+    options = {"temperature": 0, "seed": 7, "max_tokens": 24, **kwargs}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **options)
 
 
 # ---- models ------------------------------------------------------------------
@@ -199,9 +198,9 @@ def test_client_disconnect_frees_the_generator(server, model, state):
             assert next(lines).startswith("data: ")
             next(lines)
     deadline = time.monotonic() + 10
-    while state.generator.stats()["active"] and time.monotonic() < deadline:
+    while (state.generator.stats().running + state.generator.stats().queue_depth) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert state.generator.stats()["active"] == 0
+    assert (state.generator.stats().running + state.generator.stats().queue_depth) == 0
     # the generator is free: a short request finishes promptly
     started = time.monotonic()
     ask(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), model, max_tokens=2, extra_body={"knowledge_base": None})
@@ -340,3 +339,40 @@ def test_upstream_backend_against_a_second_server(server, state, model):
     assert via_proxy.choices[0].message.content == direct.choices[0].message.content
     assert via_proxy.model_dump()["sources"] == direct.model_dump()["sources"]
     assert via_proxy.usage.prompt_tokens == direct.usage.prompt_tokens
+
+
+# ---- overload ------------------------------------------------------------------------------
+def test_full_queue_is_429_with_retry_after(state, generator_model_path):
+    from rag.local_generator import LocalGenerator
+
+    narrow = LocalGenerator(generator_model_path, model_id=state.generator.model_id, max_batch_size=1, queue_size=1)
+    busy = ServerState(**{**state.__dict__, "generator": narrow, "chat": ChatService(narrow, state.retriever, state.settings)})
+    story = {"model": narrow.model_id, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 120, "knowledge_base": None}
+
+    async def scenario(url: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def occupy():
+                async with http.stream("POST", url, json={**story, "stream": True}) as response:
+                    async for _ in response.aiter_lines():
+                        pass
+
+            running = asyncio.create_task(occupy())  # takes the only batch slot
+            while narrow.stats().running < 1:
+                await asyncio.sleep(0.02)
+            waiting = asyncio.create_task(http.post(url, json=story))  # takes the only queue place
+            while narrow.stats().queue_depth < 1:
+                await asyncio.sleep(0.02)
+            refused = await http.post(url, json=story)
+            for task in (running, waiting):
+                task.cancel()
+            await asyncio.gather(running, waiting, return_exceptions=True)
+            return refused
+
+    try:
+        with LiveServer(create_app(state.settings, state=busy)) as live:
+            refused = asyncio.run(asyncio.wait_for(scenario(f"{live.url}/v1/chat/completions"), 60))
+    finally:
+        asyncio.run(narrow.aclose())
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"

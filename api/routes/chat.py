@@ -204,13 +204,17 @@ async def _sse(
         extra = {"sources": sources} if index == 0 else {}
         yield writer.choice(index, {"role": "assistant", "content": ""}, **extra)
     finishes: list[Finished] = []
-    async for index, event in _merged(streams, firsts):
-        if isinstance(event, TextDelta):
-            if event.text:
-                yield writer.choice(index, {"content": event.text})
-        else:
-            finishes.append(event)
-            yield writer.choice(index, {}, event.finish_reason)
+    try:
+        async for index, event in _merged(streams, firsts):
+            if isinstance(event, TextDelta):
+                if event.text:
+                    yield writer.choice(index, {"content": event.text})
+            else:
+                finishes.append(event)
+                yield writer.choice(index, {}, event.finish_reason)
+    except GenerationError as exc:  # headers are sent: report in-band, as OpenAI streams do
+        yield _sse_line({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": "generation_failed"}})
+        return
     if include_usage and finishes:
         yield writer.usage(_usage(finishes))
     yield "data: [DONE]\n\n"
