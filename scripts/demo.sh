@@ -1,18 +1,55 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, ingest the project's own documentation
-# (docs/, Chinese and English) into the knowledge base "zhiku-docs", and answer
-# sample questions by retrieval. Pass your own questions as arguments.
+# (docs/, Chinese and English) into the knowledge base "zhiku-docs", start the
+# OpenAI-compatible server on http://127.0.0.1:8000/v1, ask it sample questions,
+# and keep serving until Ctrl-C.
+#
+#   ZHIKU_PORT        port (default 8000)
+#   ZHIKU_DEMO_ONCE=1 ask the sample questions, then stop the server and exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 BIN="${ZHIKU_VENV:-.venv}/bin"
+PORT="${ZHIKU_PORT:-8000}"
 "$BIN/ingest" add docs --kb zhiku-docs
 "$BIN/ingest" list --kb zhiku-docs
-if [ "$#" -eq 0 ]; then
-    set -- "怎么给知识库换向量模型？" "What happens if ingest is killed halfway?" "扫描版 PDF 为什么入库失败？"
+
+"$BIN/rag" serve --kb zhiku-docs --port "$PORT" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+"$BIN/python" - "$PORT" <<'PY'
+import sys, time
+import httpx, openai
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(600):
+    try:
+        if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+else:
+    sys.exit("the server did not become ready")
+client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+model = client.models.list().data[0].id
+print(f"\nserving {model} on {base}/v1 (knowledge base zhiku-docs)")
+for question in ["How do I start the server and which port does it use?",
+                 "What happens if ingest is killed halfway?",
+                 "怎么给知识库换向量模型？"]:
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=120)
+    print(f"\n=== {question}\n{reply.choices[0].message.content.strip()}")
+    for source in reply.model_dump()["sources"]:
+        print(f"  [{source['index']}] {source['source']} (score {source['score']:.3f})")
+print("\nThe bundled SmolLM2-135M answers in English only; see README for a Chinese model.")
+PY
+if [ "${ZHIKU_DEMO_ONCE:-0}" = "1" ]; then
+    exit 0
 fi
-for question in "$@"; do
-    echo
-    echo "=== $question"
-    "$BIN/ingest" search "$question" --kb zhiku-docs --top-k 3
-done
+echo
+echo "Serving on http://127.0.0.1:$PORT/v1 — try:"
+echo "  curl http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\"
+echo "       -d '{\"model\": \"smollm2-135m-instruct@zhiku-docs\", \"messages\": [{\"role\": \"user\", \"content\": \"How do I ingest PDFs?\"}]}'"
+echo "Ctrl-C stops it."
+wait $SERVER

@@ -53,3 +53,23 @@ def generator_model_path(models_dir) -> Path:
         os.environ[WHEEL_ENV] = str(local_wheel)
     settings = Settings(home=models_dir.parent / "unused-home", models_dir=models_dir)
     return resolve_generator_model(BUNDLED_GENERATOR_MODEL, settings)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(generator_model_path, tmp_path_factory) -> dict[str, Path]:
+    """A LoRA (random, so it changes the output) and a prefix-tuning adapter on the bundled generator."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(0)
+    made = {}
+    for name, config in {
+        "lora": LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
+        "ptuning": PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }.items():
+        base = AutoModelForCausalLM.from_pretrained(generator_model_path)  # get_peft_model changes its base
+        get_peft_model(base, config).save_pretrained(root / name)
+        made[name] = root / name
+    return made

@@ -40,8 +40,8 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server_settings(home, models_dir) -> Settings:
-    return Settings(home=home, models_dir=models_dir, generator_max_batch_size=4, max_tokens_limit=2048)
+def server_settings(home, models_dir, adapter_dirs) -> Settings:
+    return Settings(home=home, models_dir=models_dir, generator_max_batch_size=4, max_tokens_limit=2048, generator_adapters=adapter_dirs)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,18 @@ def test_models_lists_base_and_knowledge_base_variants(client, model):
     assert model in ids
     assert {f"{model}@en-docs", f"{model}@zh-docs"} <= set(ids)
     assert ids[f"{model}@en-docs"].model_dump()["parent"] == model
+    for adapter in ("lora", "ptuning"):
+        assert ids[adapter].model_dump()["parent"] == model
+        assert ids[f"{adapter}@zh-docs"].model_dump()["knowledge_base"] == "zh-docs"
+
+
+def test_adapter_chosen_by_model_id_and_base_stays_reachable(client, model):
+    base = ask(client, model, extra_body={"knowledge_base": None}).choices[0].message.content
+    lora = ask(client, "lora", extra_body={"knowledge_base": None}).choices[0].message.content
+    prefix = ask(client, "ptuning@en-docs")
+    assert lora != base
+    assert prefix.model_dump()["sources"] and prefix.model == "ptuning@en-docs"
+    assert ask(client, model, extra_body={"knowledge_base": None}).choices[0].message.content == base
 
 
 # ---- non-stream ----------------------------------------------------------------

@@ -225,25 +225,6 @@ def test_cancelling_frees_the_slot(single_slot):
 # ---------------------------------------------------------------- adapters
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(generator_model_path, tmp_path_factory):
-    import torch
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("adapters")
-    torch.manual_seed(0)
-    made = {}
-    for name, config in {
-        "lora": LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
-        "ptuning": PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-    }.items():
-        base = AutoModelForCausalLM.from_pretrained(generator_model_path)  # get_peft_model changes its base
-        get_peft_model(base, config).save_pretrained(root / name)
-        made[name] = root / name
-    return made
-
-
 def test_adapters_change_output_and_base_stays_base(generator_model_path, adapter_dirs, generator):
     from rag.local_generator import LocalGenerator
 
