@@ -388,3 +388,12 @@ def test_full_queue_is_429_with_retry_after(state, generator_model_path):
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_cors_is_open_by_default(server):
+    preflight = httpx.options(
+        f"{server.url}/v1/chat/completions",
+        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
