@@ -99,11 +99,16 @@ class Settings(BaseSettings):
         description="Minimum dense cosine similarity of a passage sent to the generator; 0 disables.",
     )
     reranker_model: str | None = Field(None, description="Local path of a sentence-transformers CrossEncoder.")
-    fusion_dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in reciprocal rank fusion.")
-    fusion_lexical_weight: float = Field(
-        0.5, ge=0, description="Weight of the BM25 ranking in reciprocal rank fusion; 0 retrieves by embeddings alone."
+    fusion_method: Literal["rrf", "linear"] = Field(
+        "linear",
+        description="'rrf': Σ weight / (rrf_k + rank); 'linear': weighted sum of per-question normalised scores "
+        "(cosine min-max, BM25 / best BM25). Chosen on InsuranceQA train questions (bench.hybrid_retrieval).",
     )
-    fusion_rrf_k: int = Field(60, ge=0, description="Rank offset k of reciprocal rank fusion: weight / (k + rank).")
+    fusion_dense_weight: float = Field(1.0, ge=0, description="Weight of the dense ranking in fusion.")
+    fusion_lexical_weight: float = Field(
+        0.15, ge=0, description="Weight of the BM25 ranking in fusion; 0 retrieves by embeddings alone."
+    )
+    fusion_rrf_k: int = Field(60, ge=0, description="Rank offset k of reciprocal rank fusion: weight / (k + rank) (rrf only).")
     prompt_template_zh: str | None = Field(
         None, description="System template for Chinese questions, with a {passages} placeholder; default: wenda's."
     )

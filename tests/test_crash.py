@@ -15,6 +15,7 @@ import pytest
 from memory.files import file_sha256
 from memory.ingestion import add_paths
 from memory.knowledge_base import KnowledgeBases
+from memory.lexical_index import LexicalIndex, tokenize
 from settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -45,11 +46,24 @@ def assert_consistent(settings: Settings, corpus: Path) -> None:
         return  # killed before the knowledge base was created: nothing to check
     kb = kbs.open("crash")
     try:
-        assert kb.check_consistency() == []
+        assert kb.check_consistency() == []  # covers the lexical (BM25) index too
         for document in kb.store.documents():
             assert document.status == "ok" and document.chunk_count > 0, document
+        assert_lexical_matches_store(kb)
     finally:
         kb.close()
+
+
+def assert_lexical_matches_store(kb) -> None:
+    """The BM25 index in use, and any saved copy claiming the current generation, cover exactly the stored chunks."""
+    stored = kb.store.chunk_ids().tolist()
+    assert sorted(kb.lexical_index().ids().tolist()) == stored
+    saved = kb.store_dir / f"lexical.{kb.store.generation()}"
+    if saved.is_dir():
+        assert sorted(LexicalIndex.load(saved).ids().tolist()) == stored
+    for chunk_id, text in kb.store.iter_chunk_texts():  # a chunk's stored tokens are its text's tokens
+        (tokens,) = kb.store.conn.execute("SELECT tokens FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+        assert tokens == " ".join(tokenize(text))
 
 
 def test_sigkill_at_random_moments_leaves_knowledge_base_consistent(tmp_path, models_dir, embedder):
@@ -81,6 +95,10 @@ def test_sigkill_at_random_moments_leaves_knowledge_base_consistent(tmp_path, mo
     final = run_ingest(env, corpus)
     assert final.wait(300) == 0, final.stderr.read().decode()
     assert_consistent(settings, corpus)
+    kb = KnowledgeBases.from_settings(settings).open("crash")
+    leftovers = sorted(p.name for p in kb.store_dir.iterdir() if "lexical" in p.name)
+    kb.close()
+    assert len(leftovers) == 1 and leftovers[0].startswith("lexical."), leftovers  # old and half-written copies cleaned
 
     kbs = KnowledgeBases.from_settings(settings)
     add_paths(kbs, "clean", [corpus], embedder, chunk_size=200, chunk_overlap=40)

@@ -29,16 +29,16 @@ def kbs(settings, tmp_path, embedder):
 
 @pytest.fixture
 def retriever(kbs, embedder):
-    retriever = Retriever(kbs, embedder, recall_k=10, top_k=3, weights=FusionWeights(1.0, 0.5, 60))
+    retriever = Retriever(kbs, embedder, recall_k=10, top_k=3, weights=FusionWeights(1.0, 0.5, 60, method="rrf"))
     yield retriever
     retriever.close()
 
 
 def test_fusion_adds_weighted_reciprocal_ranks():
-    fused = fuse_rankings([1, 2], [2, 3], FusionWeights(1.0, 1.0, 0))
+    fused = fuse_rankings([1, 2], [2, 3], FusionWeights(1.0, 1.0, 0, method="rrf"))
     assert [i for i, _ in fused] == [2, 1, 3]
     assert fused[0][1] == pytest.approx(1 / 2 + 1 / 1)
-    assert [i for i, _ in fuse_rankings([1, 2], [2, 3], FusionWeights(1.0, 0.0, 0))][:2] == [1, 2]
+    assert [i for i, _ in fuse_rankings([1, 2], [2, 3], FusionWeights(1.0, 0.0, 0, method="rrf"))][:2] == [1, 2]
 
 
 def test_exact_identifier_comes_back_first(retriever, kbs):
@@ -66,8 +66,8 @@ class OffTopicQueries:
 def test_identifier_only_bm25_finds_comes_back(kbs, embedder):
     code = "ZK-4435"
     kb = kbs.open("kb")
-    retriever = Retriever(kbs, OffTopicQueries(embedder), recall_k=3, weights=FusionWeights(1.0, 0.5, 60))
-    dense_only = Retriever(kbs, OffTopicQueries(embedder), recall_k=3, weights=FusionWeights(1.0, 0.0, 60))
+    retriever = Retriever(kbs, OffTopicQueries(embedder), recall_k=3, weights=FusionWeights(1.0, 0.5, 60, method="rrf"))
+    dense_only = Retriever(kbs, OffTopicQueries(embedder), recall_k=3, weights=FusionWeights(1.0, 0.0, 60, method="rrf"))
     try:
         assert not any(code in p.text for p in dense_only.retrieve(kb, code, top_k=5))
         assert any(code in p.text for p in retriever.retrieve(kb, code, top_k=5))
