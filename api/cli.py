@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 
 from memory.knowledge_base import KnowledgeBaseError, validate_name
@@ -38,6 +39,20 @@ def parse_adapters(values: list[str]) -> dict[str, Path]:
             raise typer.BadParameter(f"adapter name {name!r} given twice", param_hint="--adapter")
         adapters[name] = Path(folder)
     return adapters
+
+
+def check_models(settings: Settings) -> None:
+    """Find (or materialise) both models now, so a wrong path is a clear error, not a server that never gets ready."""
+    from memory.embedding import EmbeddingModelNotFound, resolve_embedding_model
+    from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
+
+    try:
+        resolve_embedding_model(settings.embedding_model, settings)
+        if not settings.upstream_base_url:
+            resolve_generator_model(settings.generator_model, settings)
+    except (EmbeddingModelNotFound, GeneratorModelNotFound) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
 
 
 @app.callback()
@@ -70,9 +85,13 @@ def serve(
         for problem in exc.errors():
             err.print(f"[red]error:[/red] {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
         raise typer.Exit(2)
+    except SettingsError as exc:  # e.g. ZHIKU_API_KEYS=sk-1 instead of '["sk-1"]'
+        err.print(f"[red]error:[/red] settings: {exc}")
+        raise typer.Exit(2)
     except KnowledgeBaseError as exc:
         err.print(f"[red]error:[/red] --kb: {exc}")
         raise typer.Exit(2)
+    check_models(settings)
 
     import uvicorn
 

@@ -3,6 +3,7 @@ Built once at start-up and kept on ``app.state.zhiku`` (no module globals)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from settings import Settings
 from fastapi import Request
 
 from api.errors import APIError
+
+log = logging.getLogger("zhiku.api")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class ServerState:
             known = ", ".join(self.model_ids())
             raise APIError(404, f"The model '{requested}' does not exist; served models: {known}", param="model", code="model_not_found")
         if at:
-            self.require_kb(kb, param="model")
+            self.require_searchable_kb(kb, param="model")
         return adapter, (kb or None)
 
     def require_kb(self, name: str, *, param: str = "knowledge_base") -> str:
@@ -54,6 +57,21 @@ class ServerState:
             raise APIError(400, str(exc), param=param, code="invalid_knowledge_base") from None
         known = ", ".join(self.knowledge_bases.names()) or "none yet"
         raise APIError(404, f"knowledge base '{name}' does not exist (known: {known})", param=param, code="knowledge_base_not_found")
+
+    def require_searchable_kb(self, name: str, *, param: str = "knowledge_base") -> str:
+        """An existing knowledge base whose vectors come from this server's embedding model."""
+        self.require_kb(name, param=param)
+        pinned = self.knowledge_bases.manifest(name).embedding_model
+        if pinned != self.embedder.model_id:
+            raise APIError(
+                400,
+                f"knowledge base '{name}' was built with embedding model '{pinned}' but this server embeds with "
+                f"'{self.embedder.model_id}'; serve it with ZHIKU_EMBEDDING_MODEL={pinned}, or re-embed it with "
+                f"`ingest rebuild --kb {name} --embedding-model {self.embedder.model_id}`",
+                param=param,
+                code="embedding_model_mismatch",
+            )
+        return name
 
 
 def load_generator(settings: Settings) -> Generator:
@@ -76,6 +94,8 @@ def build_state(settings: Settings, default_kb: str | None = None) -> ServerStat
     embedder.embed_queries(["warm-up"])  # load now, not on the first request
     retriever = Retriever.from_settings(settings, knowledge_bases, embedder)
     generator = load_generator(settings)
+    if default_kb and not knowledge_bases.exists(default_kb):
+        log.warning("knowledge base %r does not exist yet: requests that name none get no retrieval until it is created", default_kb)
     return ServerState(
         settings=settings,
         knowledge_bases=knowledge_bases,

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -56,6 +57,9 @@ def user_errors():
         for problem in exc.errors():
             field = ".".join(str(p) for p in problem["loc"]) or "settings"
             err.print(f"[red]error:[/red] {field}: {problem['msg']}")
+        raise typer.Exit(2)
+    except SettingsError as exc:  # e.g. a list setting in the environment that is not JSON
+        err.print(f"[red]error:[/red] settings: {exc}")
         raise typer.Exit(2)
 
 

@@ -11,6 +11,7 @@ in flight and the next run finishes the work.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ def manifest_for(name: str, embedder, chunk_size: int, chunk_overlap: int) -> Ma
         chunk_size=chunk_size,
         chunk_overlap=chunk_overlap,
         store="store-1",
+        created=datetime.now(timezone.utc).isoformat(),
     )
 
 
@@ -297,6 +299,7 @@ def rebuild(kbs: KnowledgeBases, name: str, embedder, progress: Progress | None 
             chunk_size=old.chunk_size,
             chunk_overlap=old.chunk_overlap,
             store=f"store-{number}",
+            created=old.created,
         )
         directory = kbs.root / name
         (directory / new.store).mkdir(exist_ok=True)

@@ -98,6 +98,7 @@ class Manifest:
     chunk_overlap: int
     store: str
     format: int = 1
+    created: str = ""  # when the name was (re)created: tells a re-created knowledge base from the old one
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":

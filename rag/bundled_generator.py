@@ -53,7 +53,7 @@ Progress = Callable[[str], None]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _HOW_TO_PROVIDE = f"""\
-Provide the generator model in one of these ways (nothing is downloaded at run time):
+Provide the generator model in one of these ways (no model hub is contacted):
   * a local transformers causal-LM folder (config.json, weights, tokenizer with a chat template):
         ZHIKU_GENERATOR_MODEL=/path/to/Qwen2.5-7B-Instruct
   * a hub id already in the local Hugging Face cache; on a connected machine run

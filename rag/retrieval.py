@@ -225,8 +225,12 @@ class Retriever:
 
     def _knowledge_base(self, name: str) -> tuple[KnowledgeBase, threading.Lock]:
         with self._guard:
+            # a knowledge base dropped and re-created, or rebuilt, has a new manifest: reopen it
+            manifest = self.knowledge_bases.manifest(name)
+            if name in self._open and self._open[name].manifest != manifest:
+                self._open.pop(name).close()
             if name not in self._open:
-                self._open[name] = self.knowledge_bases.open(name)
+                self._open[name] = self.knowledge_bases.instance(manifest, writable=False)
                 self._locks[name] = threading.Lock()
             return self._open[name], self._locks[name]
 

@@ -88,20 +88,22 @@ class UpstreamGenerator:
             raise GeneratorOverloaded(f"upstream is busy: {exc.message}") from None
         except openai.OpenAIError as exc:
             raise GenerationError(f"upstream refused the request: {exc}") from None
-        finish_reason, usage = "stop", None
+        finish_reason, usage, text = "stop", None, []
         try:
             async for chunk in response:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
+                        text.append(choice.delta.content)
                         yield TextDelta(choice.delta.content)
                     finish_reason = choice.finish_reason or finish_reason
         finally:
             await response.close()
+        # an upstream that reports no usage gets our estimate rather than zeros
         yield Finished(
             "length" if finish_reason == "length" else "stop",
             usage.prompt_tokens if usage else self.count_prompt_tokens(messages),
-            usage.completion_tokens if usage else 0,
+            usage.completion_tokens if usage else self.count_text_tokens("".join(text)),
         )
 
     async def aclose(self) -> None:

@@ -397,3 +397,39 @@ def test_cors_is_open_by_default(server):
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_dropped_and_recreated_knowledge_base_is_searched_afresh(server):
+    api = f"{server.url}/v1/knowledge_bases"
+    for text in ("第一版：保修期为一年。", "第二版：保修期为三年。"):
+        assert httpx.post(api, json={"name": "重建"}).status_code == 201
+        files = [("files", ("warranty.txt", text.encode("utf-8"), "text/plain"))]
+        assert httpx.post(f"{api}/重建/documents", files=files, timeout=120).json()["failed"] == 0
+        hits = httpx.post(f"{api}/重建/search", json={"query": "保修期多久", "top_k": 1}).json()["data"]
+        assert hits[0]["text"] == text
+        assert httpx.delete(f"{api}/重建").status_code == 200
+
+
+def test_knowledge_base_from_another_embedder_is_a_clear_400(client, model, state):
+    from memory.knowledge_base import Manifest
+
+    manifest = Manifest("其他模型", "moka-ai/m3e-base", 768, 600, 120, "store-1")
+    with state.knowledge_bases.writer("其他模型", create=manifest):
+        pass
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, model, extra_body={"knowledge_base": "其他模型"})
+    error = error_of(caught.value)
+    assert error["code"] == "embedding_model_mismatch" and "ingest rebuild" in error["message"]
+    state.knowledge_bases.drop("其他模型")
+
+
+def test_ready_reports_a_failed_load(server_settings, tmp_path):
+    broken = server_settings.model_copy(update={"generator_model": str(tmp_path / "no-such-model"), "home": tmp_path})
+    with LiveServer(create_app(broken)) as live:
+        deadline = time.monotonic() + 60
+        while (body := httpx.get(f"{live.url}/ready").json())["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert body["status"] == "failed" and "no-such-model" in body["error"]
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        response = httpx.get(f"{live.url}/v1/models")
+        assert response.status_code == 503 and "no-such-model" in response.json()["error"]["message"]

@@ -92,11 +92,11 @@ def _chat_turn(body: ChatCompletionRequest, state: ServerState) -> ChatTurn:
 def _knowledge_base(body: ChatCompletionRequest, kb_from_model: str | None, state: ServerState) -> str | None:
     """The request's field wins (null: no retrieval), then ``MODEL@KB``, then the server's ``--kb``."""
     if "knowledge_base" in body.model_fields_set:
-        return state.require_kb(body.knowledge_base) if body.knowledge_base is not None else None
+        return state.require_searchable_kb(body.knowledge_base) if body.knowledge_base is not None else None
     if kb_from_model:
         return kb_from_model
     if state.default_kb and state.knowledge_bases.exists(state.default_kb):
-        return state.default_kb
+        return state.require_searchable_kb(state.default_kb)
     return None
 
 

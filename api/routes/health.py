@@ -17,5 +17,7 @@ def health() -> dict:
 def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "zhiku", None)
     if state is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        failure = getattr(request.app.state, "load_error", None)
+        body = {"status": "failed", "error": failure} if failure else {"status": "loading"}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ready", "model": state.generator.model_id, "embedding_model": state.embedder.model_id})

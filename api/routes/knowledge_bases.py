@@ -97,17 +97,15 @@ async def list_documents(kb: str, request: Request) -> dict:
 async def upload_documents(kb: str, request: Request, files: list[UploadFile] = File(...)) -> dict:
     state = _state(request)
     validate_kb_name(kb)
+    chunk_size, chunk_overlap = state.settings.chunk_size, state.settings.chunk_overlap
+    if state.knowledge_bases.exists(kb):  # an existing knowledge base keeps its own chunking
+        state.require_searchable_kb(kb, param="kb")
+        manifest = state.knowledge_bases.manifest(kb)
+        chunk_size, chunk_overlap = manifest.chunk_size, manifest.chunk_overlap
     folder = _upload_dir(state, kb)
     saved = [await _save_upload(upload, folder) for upload in files]
-    settings = state.settings
     report = await _run(
-        add_paths,
-        state.knowledge_bases,
-        kb,
-        saved,
-        state.embedder,
-        chunk_size=settings.chunk_size,
-        chunk_overlap=settings.chunk_overlap,
+        add_paths, state.knowledge_bases, kb, saved, state.embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap
     )
     return {"object": "list", "data": [asdict(o) for o in report.outcomes], "failed": len(report.failed)}
 
@@ -128,7 +126,7 @@ async def delete_document(kb: str, document_id: int, request: Request) -> dict:
 @router.post("/{kb}/search")
 async def search(kb: str, body: KnowledgeBaseSearch, request: Request) -> dict:
     state = _state(request)
-    state.require_kb(kb, param="kb")
+    state.require_searchable_kb(kb, param="kb")
     threshold = state.settings.score_threshold if body.score_threshold is None else body.score_threshold
     passages = await _run(state.retriever.retrieve, kb, body.query, top_k=body.top_k, score_threshold=threshold)
     return {
