@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 from rag.generation import Finished, GenerationEvent, Generator, Message, SamplingParams, TextDelta
 from rag.prompt import Templates, assemble, language_of, no_context_notice, retrieval_query, split_conversation

@@ -11,7 +11,7 @@ client that disconnects) cancels the generation and frees its batch slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Literal, Protocol, Union
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}

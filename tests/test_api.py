@@ -5,7 +5,6 @@ the real bundled generator and embedder, real knowledge bases, and the real
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
