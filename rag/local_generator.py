@@ -75,7 +75,7 @@ from rag.generation import (
 )
 from settings import BUNDLED_GENERATOR_MODEL, Settings
 
-__all__ = ["GeneratorStats", "LocalGenerator"]
+__all__ = ["GeneratorStats", "LocalGenerator", "encode_text", "render_chat"]
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,10 @@ class LocalGenerator:
     # ---------------------------------------------------------------- counting
 
     def render_prompt(self, messages: list[Message]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages)
 
     def encode_prompt(self, messages: list[Message]) -> list[int]:
-        # The template already writes the special tokens (BOS, role markers): add none.
-        return self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"]
+        return encode_text(self.tokenizer, self.render_prompt(messages))
 
     def count_prompt_tokens(self, messages: list[Message]) -> int:
         return len(self.encode_prompt(messages))
@@ -263,6 +262,16 @@ class LocalGenerator:
             bos_token_id=self.tokenizer.bos_token_id,
             use_cache=True,
         )
+
+
+def render_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The chat-template rendering of ``messages``: the one function serving and ``finetune/`` share."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    # The template already writes the special tokens (BOS, role markers): add none.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _served_model_id(name: str) -> str:
