@@ -1,0 +1,176 @@
+"""RAG-aware training data: question/answer pairs → samples with the server's system message.
+
+For each pair, :meth:`rag.chat.ChatService.prepare` — the very code path of
+``rag serve`` — retrieves passages from the knowledge base and assembles the
+messages (same retrieval settings, same templates, same token budget: the
+base model's context window minus the server's default ``max_tokens``). The
+sample is those messages plus the reference answer, so the system message is
+byte-identical to what the server would send for that question.
+
+A share of the samples (``no_answer_share``) instead gets passages retrieved
+for a *different* question, checked not to contain the reference answer, and
+the target ``no_answer_text`` ("The passages do not contain the answer." /
+wenda's "无法从文段中得到答案。"): the adapter learns to answer from the
+context and to admit when the context is silent.
+
+Output: JSONL, one ``{"messages": [...], "answerable": bool, "kb": name}`` per
+line — a format :mod:`finetune.data` reads like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rag.generation import SamplingParams
+from settings import Settings
+
+NO_ANSWER_EN = "The passages do not contain the answer."
+NO_ANSWER_ZH = "无法从文段中得到答案。"
+
+
+@dataclass
+class BuildReport:
+    written: int
+    answerable: int
+    unanswerable: int
+    answer_in_context: int  # answerable samples whose passages contain the reference answer verbatim
+    no_passages: int  # questions for which nothing passed the score threshold
+    skipped: int  # context overflow
+
+
+class TemplateCounter:
+    """What :class:`ChatService` needs from a generator to assemble prompts: the
+    tokenizer's chat template and the context window, without loading weights."""
+
+    adapters: tuple[str, ...] = ()
+
+    def __init__(self, base: Path):
+        from finetune.model import load_tokenizer
+        from rag.local_generator import encode_text, render_chat
+
+        self.tokenizer = load_tokenizer(base)
+        self._encode = lambda messages: encode_text(self.tokenizer, render_chat(self.tokenizer, messages))
+        import json as _json
+
+        config = _json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        window = config.get("max_position_embeddings") or config.get("seq_length")
+        if not window:
+            length = self.tokenizer.model_max_length
+            window = length if length < 10**7 else 2048
+        self.context_window = int(window)
+        self.model_id = Path(base).name
+
+    def count_prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(messages))
+
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class _RetrieveFor:
+    """A retriever that answers with the passages of another question (for no-answer samples)."""
+
+    def __init__(self, retriever, question: str):
+        self.retriever, self.question = retriever, question
+
+    def retrieve(self, kb, query, **kwargs):
+        return self.retriever.retrieve(kb, self.question, **kwargs)
+
+
+def _norm(text: str) -> str:
+    return "".join(text.lower().split())
+
+
+def passages_contain(passages: Sequence, answer: str) -> bool:
+    needle = _norm(answer)
+    return bool(needle) and any(needle in _norm(p.text) for p in passages)
+
+
+def build_rag_samples(
+    pairs: Sequence[tuple[str, str]],
+    kb: str,
+    counter,
+    retriever,
+    settings: Settings,
+    *,
+    no_answer_share: float = 0.2,
+    no_answer_text: dict[str, str] | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict], BuildReport]:
+    """Training records for ``pairs`` (question, answer) against knowledge base ``kb``."""
+    from rag.chat import ChatService, ChatTurn
+    from rag.generation import ContextOverflow
+    from rag.prompt import language_of
+
+    texts = {"en": NO_ANSWER_EN, "zh": NO_ANSWER_ZH, **(no_answer_text or {})}
+    params = SamplingParams(max_tokens=settings.default_max_tokens)
+    rng = random.Random(seed)
+    unanswerable = set(rng.sample(range(len(pairs)), round(len(pairs) * no_answer_share))) if len(pairs) > 1 else set()
+    service = ChatService(counter, retriever, settings)
+    records: list[dict] = []
+    report = BuildReport(0, 0, 0, 0, 0, 0)
+
+    async def prepare(service, question):
+        return await service.prepare(ChatTurn([{"role": "user", "content": question}], params, knowledge_base=kb, top_k=top_k))
+
+    for index, (question, answer) in enumerate(pairs):
+        try:
+            if index in unanswerable:
+                prepared = None
+                for other in _others(index, len(pairs), rng):
+                    candidate = asyncio.run(prepare(ChatService(counter, _RetrieveFor(retriever, pairs[other][0]), settings), question))
+                    if candidate.passages and not passages_contain(candidate.passages, answer):
+                        prepared = candidate
+                        break
+                if prepared is None:  # every other question's passages hold this answer: keep it answerable
+                    unanswerable.discard(index)
+            if index not in unanswerable:
+                prepared = asyncio.run(prepare(service, question))
+        except ContextOverflow:
+            report.skipped += 1
+            continue
+        if index in unanswerable:
+            target = texts["zh" if language_of(question) == "zh" else "en"]
+            report.unanswerable += 1
+        else:
+            target = answer
+            report.answerable += 1
+            report.no_passages += not prepared.passages
+            report.answer_in_context += passages_contain(prepared.passages, answer)
+        records.append(
+            {"messages": prepared.messages + [{"role": "assistant", "content": target}], "answerable": index not in unanswerable, "kb": kb}
+        )
+        if on_progress:
+            on_progress(index + 1, len(pairs))
+    report.written = len(records)
+    return records, report
+
+
+def _others(index: int, n: int, rng: random.Random, tries: int = 5) -> list[int]:
+    choices = [i for i in range(n) if i != index]
+    return rng.sample(choices, min(tries, len(choices)))
+
+
+def write_jsonl(records: Sequence[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def qa_pairs(paths: Sequence[Path], on_error: str = "stop") -> list[tuple[str, str]]:
+    """(question, answer) from any training format: the last user turn and the answer after it."""
+    from finetune.data import load_samples
+
+    pairs = []
+    for sample in load_samples(paths, on_error).samples:
+        users = [m for m in sample.messages if m["role"] == "user"]
+        pairs.append((users[-1]["content"], sample.messages[-1]["content"]))
+    return pairs
