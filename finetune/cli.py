@@ -41,6 +41,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the "Loading weights" bars; ours are on stderr
 
 
 @contextmanager

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 CONFIG_FILE = "finetune_config.yaml"
 # Fields that may change between a run and its --resume without it being a different run.
-RESUMABLE_FIELDS = {"resume", "epochs", "max_steps", "save_steps", "logging_steps", "eval_steps", "loss_log", "save_total_limit"}
+# ``out`` too: a run folder that was moved is still the same run.
+RESUMABLE_FIELDS = {"out", "resume", "epochs", "max_steps", "save_steps", "logging_steps", "eval_steps", "loss_log", "save_total_limit"}
 DEFAULT_LR = {"lora": 2e-4, "ptuning": 2e-2}
 
 
@@ -101,6 +102,10 @@ class FinetuneConfig(BaseModel):
         """The configuration as plain YAML-able data, the learning rate filled in."""
         data = self.model_dump(mode="json")
         data["lr"] = self.learning_rate
+        data["data"] = [str(Path(p).resolve()) for p in self.data]
+        for key in ("out", "deepspeed"):
+            if data[key]:
+                data[key] = str(Path(data[key]).resolve())
         return data
 
 
