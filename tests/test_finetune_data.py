@@ -114,8 +114,9 @@ def test_labels_cover_assistant_tokens_only_in_every_turn(tokenizer):
     from rag.local_generator import encode_text, render_chat  # what LocalGenerator.encode_prompt runs
 
     prompt_ids = encode_text(tokenizer, render_chat(tokenizer, messages[:-1]))
-    assert ids[: len(prompt_ids)] == prompt_ids
-    assert all(label == IGNORE_INDEX for label in labels[: len(prompt_ids)])
+    assert ids[: len(prompt_ids)] == prompt_ids and labels[len(prompt_ids)] != IGNORE_INDEX
+    first_prompt = encode_text(tokenizer, render_chat(tokenizer, messages[:2]))
+    assert all(label == IGNORE_INDEX for label in labels[: len(first_prompt)]) and labels[len(first_prompt)] != IGNORE_INDEX
 
 
 def test_truncate_and_drop_are_counted(tokenizer):
