@@ -10,22 +10,29 @@
 How a request travels. ``stream()`` renders the messages with the tokenizer's
 chat template, checks the context window and puts the request in a bounded
 waiting list (full: :class:`GeneratorOverloaded`). One worker thread owns the
-model, so no two ``generate()`` calls ever overlap: it takes the oldest
-waiting request plus up to ``max_batch_size - 1`` others asking for the same
-adapter, left-pads them into one batch and runs ``model.generate()`` once.
+model and batches continuously (iteration-level): between two decode steps it
+admits waiting requests into free slots of the running batch (at most
+``max_batch_size`` rows), prefilling them together, left-padded; a row that
+finishes or is cancelled leaves the batch at once. So a request that arrives
+while others decode starts after one step, not after the longest of them.
 
-``generate()`` runs greedy (``do_sample=False``); each row's own decoding is
-done by :class:`_Row`, reached through the batch's logits processor
-(:class:`_PickTokens`) and stopping criteria (:class:`_AcceptTokens`):
+All rows of the running batch share one adapter (:class:`_RunningBatch`); a
+request for another adapter waits until the batch drains, and once such a
+request has waited ``starvation_s`` no more same-adapter newcomers are admitted.
+An idle worker takes the oldest request's adapter, after a short window
+(``batch_wait_s``) that lets requests sent together start together.
 
-* the logits processor applies the row's presence/frequency penalties,
-  temperature and top-p, draws the token from the row's own seeded
-  ``torch.Generator`` and masks every other token, so argmax returns it. One
-  random draw per step and row: a seeded request samples the same tokens
-  whatever shares its batch. Doing this inside ``generate()`` (instead of a
-  hand-written decoding loop) keeps every architecture and PEFT method, prefix
-  tuning included, working as transformers and PEFT intend.
-* the stopping criteria sees each new token first: it counts it,
+The decode loop is ours (not ``generate()``): one batched KV cache, a 2-D
+attention mask and explicit positions per row, so rows of different lengths
+and ages share each forward pass. Each row's own decoding is done by
+:class:`_Row`:
+
+* :meth:`_Row.choose` applies the row's presence/frequency penalties,
+  temperature and top-p and draws the token from the row's own seeded
+  ``torch.Generator``. One random draw per step and row: a seeded request
+  samples the same tokens whatever shares its batch. Greedy rows alone give
+  exactly what ``generate()`` gives (same positions, same masks, same kernels).
+* :meth:`_Row.accept` sees each new token first: it counts it,
   detokenises it incrementally, matches stop strings on the text, ends the row
   on EOS, stop string, ``max_tokens`` or cancellation, and pushes text to the
   request's asyncio queue (``loop.call_soon_threadsafe``). Deciding and
@@ -39,9 +46,8 @@ the model generated for the row, **the final EOS included** (it was decoded
 like any other token), and the token that completed a stop string included.
 With ``finish_reason == "length"`` it equals ``max_tokens``.
 
-Requests that arrive while a batch runs wait for the next one (``generate()``
-cannot take new rows mid-flight); a request cancelled while waiting is
-dropped, one cancelled while running stops at its next step.
+A request cancelled while waiting is dropped; one cancelled while running
+leaves the batch before its next step.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import DynamicCache
 
 from rag.bundled_generator import BUNDLED_FOLDER_NAME, resolve_generator_model
 from rag.generation import (
@@ -85,9 +91,9 @@ class GeneratorStats:
     """A snapshot of the batcher, for tests, metrics and the readiness check."""
 
     ready: bool  # model loaded and worker alive
-    queue_depth: int  # requests waiting for a batch
-    running: int  # requests in the batch being decoded
-    batches_run: int  # batches started
+    queue_depth: int  # requests waiting for a batch slot
+    running: int  # rows currently decoding
+    batches_run: int  # batches started from idle (requests joining a running batch do not count)
     requests_served: int  # requests that went through a batch (finished, cancelled or failed)
     largest_batch: int
 
@@ -131,7 +137,8 @@ class LocalGenerator:
         self.context_window = _context_window(base, self.tokenizer)
         self._eos_ids = _eos_ids(base, self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id
-        self._batcher = _Batcher(max_batch_size, queue_size, batch_wait_s, self._run_batch)
+        running = _RunningBatch(self._models, self.tokenizer, self._eos_ids, self._pad_id)
+        self._batcher = _Batcher(max_batch_size, queue_size, batch_wait_s, running)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalGenerator":
@@ -212,56 +219,6 @@ class LocalGenerator:
         if len(prompt_ids) + params.max_tokens > self.context_window:
             raise ContextOverflow(len(prompt_ids), params.max_tokens, self.context_window)
         return _Request(prompt_ids, params, adapter, asyncio.get_running_loop())
-
-    # ---------------------------------------------------------------- worker side
-
-    def _run_batch(self, requests: list["_Request"]) -> None:
-        """Decode ``requests`` (same adapter) in one ``generate()`` call; runs on the worker thread."""
-        rows = [_Row(r, self.tokenizer, self._eos_ids) for r in requests]
-        try:
-            input_ids, attention_mask = self._left_padded([r.prompt_ids for r in requests])
-            config = self._generation_config(max(r.params.max_tokens for r in requests))
-            with torch.inference_mode(), self._models.activated(requests[0].adapter) as model:
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    logits_processor=[_PickTokens(rows, self._pad_id)],
-                    stopping_criteria=[_AcceptTokens(rows, self._batcher.shutting_down)],
-                )
-        except Exception as exc:  # every row learns about it; none is left hanging
-            log.exception("generation failed for a batch of %d", len(rows))
-            for row in rows:
-                row.fail(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            for row in rows:
-                row.close()  # rows generate() left unfinished (shutdown): end with an error
-
-    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        device = self._models.input_device
-        return ids.to(device), mask.to(device)
-
-    def _generation_config(self, max_new_tokens: int):
-        from transformers import GenerationConfig
-
-        # A clean config: the model's own defaults (sampling, repetition penalty) must not
-        # leak in; all decoding choices are made per row by _Row.
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=sorted(self._eos_ids),
-            pad_token_id=self._pad_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-            use_cache=True,
-        )
 
 
 def render_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
@@ -413,7 +370,7 @@ class _AdapterSet:
 
     @contextlib.contextmanager
     def activated(self, adapter: str | None) -> Iterator[Any]:
-        """The model to call ``generate()`` on with ``adapter`` active (None: the bare base)."""
+        """The model to run with ``adapter`` active (None: the bare base)."""
         wanted = self._group_of.get(adapter) if adapter else None
         with contextlib.ExitStack() as stack:
             for kind, peft_model in self._groups.items():
@@ -440,6 +397,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the consumer's side; read by the worker each step
+    arrived: float = field(default_factory=time.monotonic)  # for the adapter starvation bound
 
     def send(self, item: GenerationEvent | BaseException) -> None:
         """Hand an event to the consumer's event loop (called from the worker thread)."""
@@ -450,22 +408,29 @@ class _Request:
 
 
 class _Batcher:
-    """The bounded waiting list and the one worker thread that owns the model."""
+    """The bounded waiting list and the one worker thread that owns the model.
 
-    def __init__(self, max_batch_size: int, queue_size: int, batch_wait_s: float, run_batch) -> None:
+    The worker alternates between admitting waiting requests into the running
+    batch (free slots, same adapter) and one decode step of that batch.
+    """
+
+    def __init__(
+        self, max_batch_size: int, queue_size: int, batch_wait_s: float, batch: _RunningBatch, starvation_s: float = 2.0
+    ) -> None:
         self._max_batch = max_batch_size
         self._queue_size = queue_size
         self._batch_wait_s = batch_wait_s
-        self._run_batch = run_batch
+        self._starvation_s = starvation_s
+        self._batch = batch
         self._waiting: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self.shutting_down = threading.Event()  # read by running batches: stop at the next step
+        self.shutting_down = threading.Event()  # read by the worker: stop the running rows at the next step
         self._running = 0
         self._batches = 0
         self._served = 0
         self._largest = 0
-        self._seconds_per_batch = 1.0  # running estimate, for Retry-After
+        self._seconds_per_request = 1.0  # running estimate of a row's time in the batch, for Retry-After
         self._thread = threading.Thread(target=self._work, name="zhiku-generator", daemon=True)
         self._thread.start()
 
@@ -477,7 +442,7 @@ class _Batcher:
                 batches_ahead = 1 + len(self._waiting) // self._max_batch
                 raise GeneratorOverloaded(
                     f"{len(self._waiting)} requests are already waiting for the generator",
-                    retry_after=max(1.0, round(batches_ahead * self._seconds_per_batch, 1)),
+                    retry_after=max(1.0, round(batches_ahead * self._seconds_per_request, 1)),
                 )
             self._waiting.append(request)
             self._cond.notify()
@@ -510,53 +475,304 @@ class _Batcher:
             request.send(GenerationError("the generator is shut down"))
         self._thread.join()
 
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            started = time.perf_counter()
-            try:
-                self._run_batch(batch)
-            except Exception:  # _run_batch reports to its rows; the worker must survive anything
-                log.exception("generator worker: unexpected error")
-            with self._cond:
-                self._running = 0
-                self._served += len(batch)
-                elapsed = time.perf_counter() - started
-                self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
+    # ---------------------------------------------------------------- worker thread
 
-    def _next_batch(self) -> list[_Request] | None:
-        """Wait for work; then the oldest live request and the next ones with the same adapter."""
+    def _work(self) -> None:
+        while (newcomers := self._next_admission()) is not None:
+            left: list[_Row] = []
+            try:
+                if newcomers:
+                    left += self._batch.admit(newcomers)
+                if len(self._batch):
+                    left += self._batch.step(self.shutting_down.is_set())
+            except Exception as exc:  # the batch reports to its rows; the worker must survive anything
+                log.exception("generator worker: unexpected error")
+                left += self._batch.fail_all(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._account(left)
+        self._batch.step(shutting_down=True)  # closing: whatever still runs ends with an error
+
+    def _account(self, left: list[_Row]) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            self._running = len(self._batch)
+            self._served += len(left)
+            for row in left:
+                self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * (now - row.admitted_at)
+
+    def _next_admission(self) -> list[_Request] | None:
+        """Requests to join the running batch now (maybe none); None when closing.
+
+        An idle worker waits for work, then a short window after the first
+        arrival lets requests sent together start together.
+        """
         with self._cond:
             deadline = None
             while True:
                 self._drop_cancelled()
                 if self._closing:
                     return None
+                if len(self._batch):
+                    return self._take(self._max_batch - len(self._batch))
                 if not self._waiting:
                     deadline = None
                     self._cond.wait()
                     continue
-                # a short window after the first arrival lets requests sent together share a batch
                 deadline = deadline or time.monotonic() + self._batch_wait_s
                 remaining = deadline - time.monotonic()
                 if len(self._waiting) < self._max_batch and remaining > 0:
                     self._cond.wait(remaining)
                     continue
-                return self._take_batch()
+                taken = self._take(self._max_batch)
+                self._batches += 1  # counted when started: a test sees the batch while it runs
+                return taken
 
-    def _take_batch(self) -> list[_Request]:
-        adapter = self._waiting[0].adapter
-        batch = [r for r in self._waiting if r.adapter == adapter][: self._max_batch]
-        for request in batch:
+    def _take(self, free: int) -> list[_Request]:
+        """Up to ``free`` waiting requests for the running batch's adapter (the oldest's when idle)."""
+        if free <= 0 or not self._waiting:
+            return []
+        if len(self._batch):
+            adapter = self._batch.adapter
+            if self._other_adapter_starving(adapter):
+                return []  # let the batch drain so the next one serves the other adapter
+        else:
+            adapter = self._waiting[0].adapter
+        taken = [r for r in self._waiting if r.adapter == adapter][:free]
+        for request in taken:
             self._waiting.remove(request)
-        self._running = len(batch)
-        self._batches += 1  # counted when started: a test sees the batch while it runs
-        self._largest = max(self._largest, len(batch))
-        return batch
+        self._running = len(self._batch) + len(taken)
+        self._largest = max(self._largest, self._running)
+        return taken
+
+    def _other_adapter_starving(self, adapter: str | None) -> bool:
+        now = time.monotonic()
+        return any(r.adapter != adapter and now - r.arrived > self._starvation_s for r in self._waiting)
 
     def _drop_cancelled(self) -> None:
         live = [r for r in self._waiting if not r.cancelled]
         if len(live) != len(self._waiting):
             self._waiting = deque(live)
+
+
+# --------------------------------------------------------------------------
+# the running batch: prefill newcomers, one decode step at a time
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Forward:
+    """How to call the model for the running batch's adapter.
+
+    Prefix tuning (P-Tuning v2) is served by calling the *base* model with the
+    adapter's prefix as the start of the KV cache: PEFT's own forward would
+    replace the cache with a fresh prefix on every call. Like ``generate()``
+    through PEFT, the prefix counts in the positions (``prefix_tokens`` offset).
+    """
+
+    model: Any
+    prefix_tokens: int = 0
+    prefix_cache: Any = None  # batch size -> a Cache holding the prefix, or None
+
+    @classmethod
+    def for_model(cls, model) -> "_Forward":
+        config = getattr(model, "active_peft_config", None)
+        if config is None or not config.is_prompt_learning:
+            return cls(model)  # base model, or injected (LoRA) layers active inside it
+        from peft import PeftType
+
+        if config.peft_type != PeftType.PREFIX_TUNING:
+            raise GenerationError(f"{config.peft_type} adapters are not supported; use LoRA or prefix tuning")
+        return cls(model.get_base_model(), config.num_virtual_tokens, lambda n: model.get_prompt(batch_size=n, max_cache_len=-1))
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Float32 next-token logits (rows, vocab) of the last column."""
+        # An all-ones mask is passed as None, as generate() does: same kernels, same numbers alone.
+        mask = None if bool(attention_mask.all()) else attention_mask
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        return out.logits[:, -1, :].float()
+
+
+class _RunningBatch:
+    """The rows being decoded, their shared KV cache, attention mask and positions.
+
+    Lives on the worker thread. Rows of different lengths share one left-padded
+    cache: ``mask`` (rows x cache length) marks the real columns, ``positions``
+    holds each row's next position, so padding never changes a row's numbers
+    (beyond float noise). Newcomers are prefilled on their own, then their cache
+    is merged in (both sides left-padded to the longer one); finished rows are
+    removed at once and all-padding columns trimmed.
+    """
+
+    def __init__(self, models: "_AdapterSet", tokenizer, eos_ids: frozenset[int], pad_id: int) -> None:
+        self._models = models
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._pad_id = pad_id
+        self._device = models.input_device
+        self.rows: list[_Row] = []
+        self.adapter: str | None = None
+        self._session = contextlib.ExitStack()  # the adapter stays active while the batch runs
+        self._forward: _Forward | None = None
+        self._reset_tensors()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _reset_tensors(self) -> None:
+        self._cache = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
+        self._positions = torch.zeros(0, dtype=torch.long, device=self._device)
+        self._last = torch.zeros(0, dtype=torch.long, device=self._device)
+
+    # -- admitting
+
+    @torch.inference_mode()
+    def admit(self, requests: list[_Request]) -> list[_Row]:
+        """Prefill ``requests`` (same adapter as the batch), join them; returns the rows that already left."""
+        rows = [_Row(r, self._tokenizer, self._eos_ids) for r in requests]
+        try:
+            if not self.rows:
+                self._start(requests[0].adapter)
+            logits, cache, mask, positions = self._prefill([r.prompt_ids for r in requests])
+        except Exception as exc:  # only the newcomers are affected; the running rows go on
+            _fail(rows, exc)
+            if not self.rows:
+                self._stop()
+            return rows
+        self._join(rows, cache, mask, positions)
+        return self._advance(rows, logits)
+
+    def _start(self, adapter: str | None) -> None:
+        self.adapter = adapter
+        model = self._session.enter_context(self._models.activated(adapter))
+        self._forward = _Forward.for_model(model)
+
+    def _stop(self) -> None:
+        self._session.close()
+        self._session = contextlib.ExitStack()
+        self._forward = None
+        self._reset_tensors()
+
+    def _prefill(self, prompts: list[list[int]]):
+        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        forward = self._forward
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + forward.prefix_tokens
+        cache = DynamicCache()
+        if forward.prefix_cache is not None:
+            cache = forward.prefix_cache(len(prompts))
+            prefix_mask = torch.ones((len(prompts), forward.prefix_tokens), dtype=torch.long, device=self._device)
+            mask = torch.cat([prefix_mask, mask], dim=1)  # the prefix is attended to by every token
+        logits = forward(ids, mask, positions, cache)
+        return logits, cache, mask, positions[:, -1] + 1
+
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.rows += rows
+        self._positions = torch.cat([self._positions, positions])
+        self._last = torch.cat([self._last, torch.full((len(rows),), self._pad_id, dtype=torch.long, device=self._device)])
+
+    # -- decoding
+
+    @torch.inference_mode()
+    def step(self, shutting_down: bool) -> list[_Row]:
+        """One decode step for every running row; returns the rows that left the batch."""
+        if shutting_down:
+            for row in self.rows:
+                row.done = True  # aclose(): stop now; leaving reports the row as unfinished
+            return self._leave(list(self.rows))
+        # a cancelled row frees its slot before the next forward
+        left = self._leave([row for row in self.rows if row.drop_if_cancelled()])
+        if not self.rows:
+            return left
+        try:
+            logits = self._decode()
+        except Exception as exc:  # the batch's state is unknown now: fail every running row
+            _fail(self.rows, exc)
+            return left + self._leave(list(self.rows))
+        return left + self._advance(self.rows, logits)
+
+    def _decode(self) -> torch.Tensor:
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        logits = self._forward(self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        self._positions = self._positions + 1
+        return logits
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
+        """Choose and accept each of ``rows``' next token, then remove every finished row."""
+        offset = len(self.rows) - len(rows)  # ``rows`` are the last ones of the batch
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            token = row.choose(logits[i])
+            self._last[offset + i] = token
+            row.accept(token)
+        return self._leave([row for row in self.rows if row.done])
+
+    def _leave(self, leaving: list[_Row]) -> list[_Row]:
+        if not leaving:
+            return []
+        gone = set(map(id, leaving))
+        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        for row in leaving:
+            row.close()  # rows ended without a Finished (shutdown): an error; others: a no-op
+        if not self.rows:
+            self._stop()
+            return leaving
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
+        self._trim_padding()
+        return leaving
+
+    def _trim_padding(self) -> None:
+        # Columns only the departed rows used are padding for everyone left: drop them.
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    @torch.inference_mode()
+    def fail_all(self, error: GenerationError) -> list[_Row]:
+        for row in self.rows:
+            row.fail(error)
+        return self._leave(list(self.rows))
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before ``tensor``'s columns along ``dim`` (the sequence axis) up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _fail(rows: list["_Row"], exc: Exception) -> None:
+    log.error("generation failed for %d rows", len(rows), exc_info=exc)
+    for row in rows:
+        row.fail(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
+
 
 
 # --------------------------------------------------------------------------
@@ -612,6 +828,7 @@ class _Row:
         self.generated: list[int] = []  # completion tokens, EOS excluded (for penalties)
         self.completion_tokens = 0  # EOS included
         self.rng: torch.Generator | None = None
+        self.admitted_at = time.perf_counter()
         self._detok = _Detokenizer(tokenizer)
         self._text = ""  # decoded completion so far
         self._sent = 0  # characters of _text already sent
@@ -653,8 +870,14 @@ class _Row:
 
     # -- accepting tokens (stopping criteria side)
 
+    def drop_if_cancelled(self) -> bool:
+        """End silently if the consumer went away; True when the row is done."""
+        if self.request.cancelled and not self.done:
+            self.done = self._reported = True
+        return self.done
+
     def accept(self, token: int) -> None:
-        """The token generate() just appended for this row."""
+        """The token just chosen for this row."""
         if self.request.cancelled:
             self.done = self._reported = True  # nobody listens: end silently
             return
@@ -717,34 +940,3 @@ class _Row:
 
     def close(self) -> None:
         self.fail(GenerationError("the generator stopped before this reply was complete"))
-
-
-class _PickTokens(LogitsProcessor):
-    """Logits processor: each live row's own sampling, the rest of the vocabulary masked."""
-
-    def __init__(self, rows: list[_Row], pad_id: int) -> None:
-        self.rows = rows
-        self.pad_id = pad_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.full_like(scores, -math.inf)
-        for i, row in enumerate(self.rows):
-            token = self.pad_id if row.done else row.choose(scores[i])
-            chosen[i, token] = 0.0  # argmax (do_sample=False) returns exactly this token
-        return chosen
-
-
-class _AcceptTokens(StoppingCriteria):
-    """Stopping criteria: hands each live row its new token; a row is finished when it says so."""
-
-    def __init__(self, rows: list[_Row], shutting_down: threading.Event) -> None:
-        self.rows = rows
-        self.shutting_down = shutting_down
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-            if self.shutting_down.is_set():
-                row.done = True  # aclose(): stop now; _run_batch reports the row as unfinished
-            elif not row.done:
-                row.accept(token)
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)

@@ -156,11 +156,11 @@ def test_bad_requests(generator):
         run(collect(generator, CAPITAL, SamplingParams(top_p=0)))
 
 
-def test_a_failing_generate_reaches_every_request(generator, monkeypatch):
+def test_a_failing_model_reaches_every_request(generator, monkeypatch):
     import contextlib
 
     class Broken:
-        def generate(self, **kwargs):
+        def __call__(self, **kwargs):
             raise RuntimeError("boom")
 
     monkeypatch.setattr(generator._models, "activated", lambda adapter: contextlib.nullcontext(Broken()))
@@ -170,6 +170,110 @@ def test_a_failing_generate_reaches_every_request(generator, monkeypatch):
 
     results = run(asyncio.wait_for(two(), 30))
     assert all(isinstance(r, GenerationError) and "boom" in str(r) for r in results)
+    monkeypatch.undo()
+    assert "Paris" in run(generator.complete(CAPITAL, GREEDY))[0]  # the worker survived
+
+
+# ---------------------------------------------------------------- continuous batching
+
+LONG = SamplingParams(max_tokens=60, temperature=0)
+SHORT = SamplingParams(max_tokens=4, temperature=0)
+
+
+async def timed(gen, messages, params, adapter=None) -> tuple[str, float, float]:
+    """(text, time of the first event, time of Finished), perf_counter clock."""
+    parts, first = [], None
+    async for event in gen.stream(messages, params, adapter):
+        first = first or time.perf_counter()
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+    return "".join(parts), first, time.perf_counter()
+
+
+def test_greedy_alone_equals_generate(generator_model_path, adapter_dirs):
+    """The decode loop gives exactly generate()'s greedy tokens: base, LoRA and prefix tuning."""
+    import torch
+    from transformers import GenerationConfig
+
+    from rag.local_generator import LocalGenerator
+
+    gen = LocalGenerator(generator_model_path, adapters=adapter_dirs, batch_wait_s=0)
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=sorted(gen._eos_ids), pad_token_id=gen._pad_id)
+    cases = [(adapter, messages) for adapter in (None, "lora", "ptuning") for messages in (CAPITAL, ESSAY, ask(3))]
+    try:
+        expected = []  # all references first: the worker is idle, nothing else touches the adapters
+        for adapter, messages in cases:
+            ids = torch.tensor([gen.encode_prompt(messages)])
+            with torch.inference_mode(), gen._models.activated(adapter) as model:
+                reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            expected.append(gen.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True))
+        for (adapter, messages), reference_text in zip(cases, expected):
+            text, _ = run(gen.complete(messages, SamplingParams(max_tokens=24, temperature=0), adapter))
+            assert text == reference_text, (adapter, messages)
+    finally:
+        run(gen.aclose())
+
+
+def test_a_newcomer_joins_the_running_batch(generator):
+    long_alone, _ = run(generator.complete(ESSAY, LONG))
+    short_alone, _ = run(generator.complete(CAPITAL, GREEDY))
+
+    async def scenario():
+        long_task = asyncio.create_task(timed(generator, ESSAY, LONG))
+        while generator.stats().running < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the long row is decoding
+        submitted = time.perf_counter()
+        short = await timed(generator, CAPITAL, GREEDY)
+        return await long_task, short, submitted
+
+    (long_text, _, long_end), (short_text, short_first, short_end), submitted = run(scenario())
+    assert short_end < long_end  # it did not wait for the running row to finish
+    assert short_first - submitted < (long_end - submitted) / 2
+    assert long_text == long_alone and short_text == short_alone
+
+
+@pytest.fixture(scope="module")
+def two_slots(generator_model_path):
+    from rag.local_generator import LocalGenerator
+
+    gen = LocalGenerator(generator_model_path, max_batch_size=2, queue_size=8, batch_wait_s=0.05)
+    yield gen
+    asyncio.run(gen.aclose())
+
+
+def test_rows_leaving_early_free_their_slot(two_slots):
+    async def scenario():
+        return await asyncio.gather(timed(two_slots, ESSAY, LONG), timed(two_slots, ask(1), SHORT), timed(two_slots, ask(2), SHORT))
+
+    (_, _, long_end), _, (_, third_first, third_end) = run(scenario())
+    assert third_first < long_end and third_end < long_end  # the third took the second's slot
+    assert two_slots.stats().largest_batch == 2  # never more rows than max_batch_size
+    assert idle_soon(two_slots)
+
+
+def test_cancelling_mid_batch_admits_a_waiting_request(two_slots):
+    async def scenario():
+        first = asyncio.create_task(timed(two_slots, ESSAY, LONG))
+        second = two_slots.stream(ask(5), SamplingParams(max_tokens=400, temperature=0))
+        await second.__anext__()
+        third = asyncio.create_task(timed(two_slots, CAPITAL, SHORT))
+        while two_slots.stats().queue_depth < 1:
+            await asyncio.sleep(0.01)
+        await second.aclose()  # its slot goes to the waiting request at the next step
+        return await first, await third
+
+    (_, _, first_end), (_, third_first, third_end) = run(scenario())
+    assert third_end < first_end
+    assert idle_soon(two_slots)
+
+
+def idle_soon(gen, within_s: float = 2.0) -> bool:
+    """The worker accounts for a finished row just after sending its Finished: allow it a moment."""
+    deadline = time.monotonic() + within_s
+    while gen.stats().running + gen.stats().queue_depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return gen.stats().running + gen.stats().queue_depth == 0
 
 
 # ---------------------------------------------------------------- queue and cancellation
