@@ -37,6 +37,7 @@ import numpy as np
 from bench.report import markdown_table, write_section
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+STEPS = (0, 1, 2)
 RECALL_K = 30
 LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 RRF_KS = (10, 30, 60)
@@ -221,16 +222,17 @@ def dev_rows(embedder, settings, tuned, home: Path) -> tuple[list[dict], dict[st
     dense_merged = Retriever(kbs, embedder, recall_k=RECALL_K, weights=FusionWeights(1.0, 0.0, tuned.rrf_k, tuned.method))
     rows, misses = [], {}
     try:
-        for k in (3, 5, 8):
-            dense, _ = hit_rate(questions, lambda q: [r.text for r in search(kb, embedder, q, top_k=k)])
-            merged, _ = hit_rate(questions, lambda q: [p.text for p in dense_merged.retrieve(kb, q, top_k=k)])
-            mixed, missed = hit_rate(questions, lambda q: [p.text for p in hybrid.retrieve(kb, q, top_k=k)])
-            misses[f"hybrid@{k}"] = missed
-            context = np.mean([sum(len(p.text) for p in hybrid.retrieve(kb, q.question, top_k=k)) for q in questions])
-            rows.append({"k": k, "dense (memory.search)": f"{dense:.3f}", "dense, hits merged": f"{merged:.3f}",
-                         "hybrid": f"{mixed:.3f}", "hybrid − dense": f"{mixed - dense:+.3f}",
-                         "hybrid context chars": f"{context:.0f}"})
-            print(rows[-1], flush=True)
+        for step in STEPS:
+            for k in (3, 5, 8):
+                dense, _ = hit_rate(questions, lambda q: [r.text for r in search(kb, embedder, q, top_k=k, step=step)])
+                merged, _ = hit_rate(questions, lambda q: [p.text for p in dense_merged.retrieve(kb, q, top_k=k, step=step)])
+                mixed, missed = hit_rate(questions, lambda q: [p.text for p in hybrid.retrieve(kb, q, top_k=k, step=step)])
+                misses[f"step {step} hybrid@{k}"] = missed
+                context = np.mean([sum(len(p.text) for p in hybrid.retrieve(kb, q.question, top_k=k, step=step)) for q in questions])
+                rows.append({"step": step, "k": k, "dense (memory.search)": f"{dense:.3f}", "dense, hits merged": f"{merged:.3f}",
+                             "hybrid": f"{mixed:.3f}", "hybrid − dense": f"{mixed - dense:+.3f}",
+                             "hybrid context chars": f"{context:.0f}"})
+                print(rows[-1], flush=True)
     finally:
         kb.close()
     return rows, misses
@@ -292,11 +294,11 @@ def render(settings, args, tuned_rrf, tuned, qa_rows, dev_table, misses) -> str:
     if dev_table:
         parts += [
             f"**dev.jsonl** (answerable questions) over ../shared/corpus (zh + pdfs), chunk_size {settings.chunk_size}, "
-            f"overlap {settings.chunk_overlap}, step 0. hit@k: every evidence string inside the top k passages. "
+            f"overlap {settings.chunk_overlap}, neighbour steps {list(STEPS)} (char budget {settings.neighbour_char_budget}). hit@k: every evidence string inside the top k passages. "
             "\"hits merged\": the same dense ranking through rag.retrieval (adjacent hits of one document joined "
             "into one passage).",
             dev_table,
-            "Hybrid misses: " + "; ".join(f"{k}: {' '.join(v) or 'none'}" for k, v in misses.items()),
+            "Hybrid misses at k=5: " + "; ".join(f"{k}: {' '.join(v) or 'none'}" for k, v in misses.items() if k.endswith("@5")),
         ]
     return "\n\n".join(parts)
 

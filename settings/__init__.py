@@ -87,7 +87,12 @@ class Settings(BaseSettings):
 
     # search
     top_k: int = Field(5, ge=1)
-    step: int = Field(0, ge=0, description="Neighbouring chunks joined on each side of a hit.")
+    step: int = Field(
+        1,
+        ge=0,
+        description="Neighbouring chunks joined on each side of a hit (measured on dev.jsonl, hybrid hit@5: "
+        "0.72 at 0, 0.86 at 1, 0.90 at 2, for 2.5x / 2.9x the context).",
+    )
     neighbour_char_budget: int = Field(1500, ge=100)
 
     # retrieval for chat (rag/)
