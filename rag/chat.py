@@ -58,7 +58,12 @@ class ChatService:
 
     async def prepare(self, turn: ChatTurn) -> PreparedChat:
         """Retrieve for ``turn`` and fit everything in the context window (ContextOverflow if impossible)."""
-        passages = await asyncio.to_thread(self._retrieve, turn) if turn.knowledge_base else []
+        # embedding, search and tokenising are CPU work: keep them off the event loop
+        return await asyncio.to_thread(self.prepare_now, turn)
+
+    def prepare_now(self, turn: ChatTurn) -> PreparedChat:
+        """:meth:`prepare`, blocking (for batch jobs such as ``finetune build-rag-data``)."""
+        passages = self._retrieve(turn) if turn.knowledge_base else []
         assembled = assemble(
             turn.messages,
             passages,
