@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -53,13 +53,14 @@ class ChatService:
         self.retriever = retriever
         self.settings = settings
         self.templates = templates_from(settings)
-        # the embedder and FAISS are not safe to drive from many threads at once
-        self._retrieval_lock = threading.Lock()
+        # One thread for all retrieval: the embedder and FAISS are not safe to drive from many
+        # threads at once, and one warm thread keeps one OpenMP team instead of one per thread.
+        self._retrieval_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiku-retrieval")
 
     async def prepare(self, turn: ChatTurn) -> PreparedChat:
         """Retrieve for ``turn`` and fit everything in the context window (ContextOverflow if impossible)."""
         # embedding, search and tokenising are CPU work: keep them off the event loop
-        return await asyncio.to_thread(self.prepare_now, turn)
+        return await asyncio.get_running_loop().run_in_executor(self._retrieval_thread, self.prepare_now, turn)
 
     def prepare_now(self, turn: ChatTurn) -> PreparedChat:
         """:meth:`prepare`, blocking (for batch jobs such as ``finetune build-rag-data``)."""
@@ -80,13 +81,12 @@ class ChatService:
     def _retrieve(self, turn: ChatTurn) -> list:
         _, history, question = split_conversation(turn.messages)
         query = retrieval_query(history, question["content"])
-        with self._retrieval_lock:
-            return self.retriever.retrieve(
-                turn.knowledge_base,
-                query,
-                top_k=turn.top_k or self.settings.top_k,
-                score_threshold=self.settings.score_threshold if turn.score_threshold is None else turn.score_threshold,
-            )
+        return self.retriever.retrieve(
+            turn.knowledge_base,
+            query,
+            top_k=turn.top_k or self.settings.top_k,
+            score_threshold=self.settings.score_threshold if turn.score_threshold is None else turn.score_threshold,
+        )
 
     def stream(self, prepared: PreparedChat, params: SamplingParams, adapter: str | None) -> AsyncIterator[GenerationEvent]:
         """The generator's events, preceded by the notice when there is one."""
