@@ -19,16 +19,14 @@ Prints a markdown table and writes it to bench/out/embedding_backends.md
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 import re
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
 import numpy as np
 
+from bench import insuranceqa
 from bench.report import markdown_table, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,18 +50,12 @@ def _read_text(path: Path) -> str:
         return raw.decode("gb18030", errors="replace")
 
 
-def _insuranceqa(name: str) -> dict:
-    path = Path(distribution("insuranceqa-data").locate_file(f"insuranceqa_data/{name}.json.gz"))
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def throughput_passages(count: int, length: int = 170) -> list[str]:
     """``count`` distinct Chinese passages of ``length`` characters."""
     sources = sorted(p for p in SHARED_ZH.glob("*") if p.suffix in (".txt", ".md")) if SHARED_ZH.is_dir() else []
     texts = [re.sub(r"\s+", " ", _read_text(p)) for p in sources]
     if not texts:
-        texts = [a["zh"].strip() for a in _insuranceqa("answers").values()]
+        texts = [a["zh"].strip() for a in insuranceqa.load("answers").values()]
     pieces = [t[i : i + length] for t in texts for i in range(0, len(t) - length + 1, length)]
     pieces = list(dict.fromkeys(p for p in pieces if len(p.strip()) == length))
     if len(pieces) < count:
@@ -73,8 +65,8 @@ def throughput_passages(count: int, length: int = 170) -> list[str]:
 
 def retrieval_task(questions: int, pool: int) -> tuple[list[str], list[set[int]], list[str]]:
     """(question texts, gold answer positions per question, answer pool)."""
-    answers = _insuranceqa("answers")
-    valid = [q for _, q in sorted(_insuranceqa("valid").items(), key=lambda kv: int(kv[0])) if q.get("answers")]
+    answers = insuranceqa.load("answers")
+    valid = [q for _, q in sorted(insuranceqa.load("valid").items(), key=lambda kv: int(kv[0])) if q.get("answers")]
     chosen = random.Random(0).sample(valid, questions)
     gold_ids = sorted({a for q in chosen for a in q["answers"]}, key=int)
     others = sorted(set(answers) - set(gold_ids), key=int)

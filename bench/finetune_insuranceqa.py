@@ -21,7 +21,6 @@ process (``os.wait4``). Results go to docs/BENCHMARKS.md (section
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -30,19 +29,13 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
+from bench import insuranceqa
 from bench.report import markdown_table, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _insuranceqa(name: str) -> dict:
-    path = Path(distribution("insuranceqa-data").locate_file(f"insuranceqa_data/{name}.json.gz"))
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def first_words(text: str, words: int) -> str:
@@ -95,7 +88,7 @@ def main() -> None:
     if os.environ.get("ZHIKU_TEST_MODELS_DIR") and not os.environ.get("ZHIKU_MODELS_DIR"):
         env["ZHIKU_MODELS_DIR"] = os.environ["ZHIKU_TEST_MODELS_DIR"]
 
-    answers, train_rows, valid_rows = _insuranceqa("answers"), _insuranceqa("train"), _insuranceqa("valid")
+    answers, train_rows, valid_rows = insuranceqa.load("answers"), insuranceqa.load("train"), insuranceqa.load("valid")
     pick = lambda rows, n, seed: random.Random(seed).sample([q for _, q in sorted(rows.items(), key=lambda kv: int(kv[0])) if q.get("answers")], n)  # noqa: E731
     train_qs, valid_qs = pick(train_rows, args.train_questions, 2), pick(valid_rows, args.eval_questions, 0)
     gold = {a for q in train_qs + valid_qs for a in q["answers"][:1]}

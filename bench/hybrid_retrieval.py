@@ -21,19 +21,17 @@ minutes on a small CPU).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import itertools
-import json
 import random
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import distribution
 from pathlib import Path
 
 import numpy as np
 
+from bench import insuranceqa
 from bench.report import markdown_table, write_section
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -42,12 +40,6 @@ RECALL_K = 30
 LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 RRF_KS = (10, 30, 60)
 LINEAR_WEIGHTS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-
-
-def _insuranceqa(name: str) -> dict:
-    path = Path(distribution("insuranceqa-data").locate_file(f"insuranceqa_data/{name}.json.gz"))
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 @dataclass
@@ -60,10 +52,10 @@ class QASet:
 
 def insuranceqa_task(lang: str, questions: int, pool: int) -> tuple[list[str], QASet, QASet]:
     """(answer pool texts, train set, validation set) for one language; seeded."""
-    answers = _insuranceqa("answers")
+    answers = insuranceqa.load("answers")
 
     def sample(split: str, seed: int) -> list[dict]:
-        rows = [q for _, q in sorted(_insuranceqa(split).items(), key=lambda kv: int(kv[0])) if q.get("answers")]
+        rows = [q for _, q in sorted(insuranceqa.load(split).items(), key=lambda kv: int(kv[0])) if q.get("answers")]
         return random.Random(seed).sample(rows, questions)
 
     train, valid = sample("train", 2), sample("valid", 0)

@@ -13,7 +13,6 @@ first loader call on (imports excluded). Results go to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -21,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
+from bench import insuranceqa
 from bench.report import markdown_table, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +30,7 @@ SHARED = REPO.parent / "shared"
 
 
 def insuranceqa_answers(lang: str) -> list[str]:
-    path = distribution("insuranceqa-data").locate_file("insuranceqa_data/answers.json.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        answers = json.load(handle)
+    answers = insuranceqa.load("answers")
     return [answers[key][lang].strip() for key in sorted(answers, key=int)]
 
 

@@ -13,17 +13,15 @@ SQLite rows, JSON) against the same ``Retriever.retrieve`` called in-process.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import tempfile
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from bench import insuranceqa
 from bench.report import markdown_table, write_section
 from bench.serve_load import start_server
 from memory.chunk_store import NewChunk
@@ -35,14 +33,8 @@ DIM = 384
 KB = "scale-100k"
 
 
-def insuranceqa(name: str) -> dict:
-    path = Path(distribution("insuranceqa-data").locate_file(f"insuranceqa_data/{name}.json.gz"))
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
-
-
 def fill(settings: Settings, chunks: int, per_document: int = 50) -> float:
-    answers = insuranceqa("answers")
+    answers = insuranceqa.load("answers")
     texts = [a[lang] for a in answers.values() for lang in ("zh", "en")]
     rng = np.random.default_rng(3)
     centres = rng.normal(0, 1, (2000, DIM)).astype(np.float32)
@@ -65,7 +57,7 @@ def fill(settings: Settings, chunks: int, per_document: int = 50) -> float:
 
 
 def questions(count: int) -> list[str]:
-    valid = list(insuranceqa("valid").values())
+    valid = list(insuranceqa.load("valid").values())
     return [row[lang] for row in valid[: count // 2] for lang in ("zh", "en")][:count]
 
 
