@@ -385,3 +385,43 @@ def test_aclose_ends_running_and_waiting_requests(generator_model_path):
     took, results = run(scenario())
     assert all(isinstance(r, GenerationError) for r in results)
     assert not gen.stats().ready and took < 10
+
+
+def test_growing_cache_holds_what_a_dynamic_cache_holds():
+    # the decode cache writes into spare room; after rows leave or columns are trimmed
+    # (keys replaced from outside) it must still hold exactly the concatenated states
+    import torch
+    from transformers import DynamicCache
+
+    from rag.local_generator import _GrowingCache
+
+    torch.manual_seed(0)
+    grown, plain = _GrowingCache(), DynamicCache()
+
+    def both(update):
+        for cache in (grown, plain):
+            update(cache)
+        for mine, theirs in zip(grown.layers, plain.layers):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+    def append(columns):
+        def update(cache):
+            rows = cache.layers[0].keys.shape[0] if cache.layers else 3
+            cache.update(keys[:rows], values[:rows], 0)
+
+        keys, values = torch.randn(3, 2, columns, 4), torch.randn(3, 2, columns, 4)
+        return update
+
+    both(append(5))  # prefill
+    for _ in range(300):  # decode steps, past the first buffer's room
+        both(append(1))
+    both(lambda cache: cache.batch_select_indices(torch.tensor([0, 2])))  # a row leaves
+    both(append(1))
+
+    def trim(cache):
+        layer = cache.layers[0]
+        layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+
+    both(trim)  # padding columns dropped
+    both(append(1))
+    assert grown.layers[0].keys.shape == (2, 2, 304, 4)
