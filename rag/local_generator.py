@@ -12,7 +12,9 @@ chat template, checks the context window and puts the request in a bounded
 waiting list (full: :class:`GeneratorOverloaded`). One worker thread owns the
 model and batches continuously (iteration-level): between two decode steps it
 admits waiting requests into free slots of the running batch (at most
-``max_batch_size`` rows), prefilling them together, left-padded; a row that
+``max_batch_size`` rows), prefilling them together, left-padded, up to
+``prefill_tokens`` prompt tokens per step (one request at a time on a CPU,
+where a prefill is compute-bound); a row that
 finishes or is cancelled leaves the batch at once. So a request that arrives
 while others decode starts after one step, not after the longest of them.
 
@@ -125,6 +127,7 @@ class LocalGenerator:
         max_batch_size: int = 8,
         queue_size: int = 64,
         batch_wait_s: float = 0.005,
+        prefill_tokens: int | None = None,
     ) -> None:
         self.model_id = model_id or Path(model_path).name
         self.max_batch_size = max_batch_size
@@ -139,7 +142,8 @@ class LocalGenerator:
         self._eos_ids = _eos_ids(base, self.tokenizer)
         self._pad_id = self.tokenizer.pad_token_id
         running = _RunningBatch(self._models, self.tokenizer, self._eos_ids, self._pad_id)
-        self._batcher = _Batcher(max_batch_size, queue_size, batch_wait_s, running)
+        self.prefill_tokens = prefill_tokens or (8192 if self.device.startswith("cuda") else 512)
+        self._batcher = _Batcher(max_batch_size, queue_size, batch_wait_s, running, self.prefill_tokens)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalGenerator":
@@ -153,6 +157,7 @@ class LocalGenerator:
             quantization=settings.generator_quantization,
             max_batch_size=settings.generator_max_batch_size,
             queue_size=settings.generator_queue_size,
+            prefill_tokens=settings.generator_prefill_tokens,
         )
 
     # ---------------------------------------------------------------- counting
@@ -416,12 +421,19 @@ class _Batcher:
     """
 
     def __init__(
-        self, max_batch_size: int, queue_size: int, batch_wait_s: float, batch: _RunningBatch, starvation_s: float = 2.0
+        self,
+        max_batch_size: int,
+        queue_size: int,
+        batch_wait_s: float,
+        batch: _RunningBatch,
+        prefill_tokens: int,
+        starvation_s: float = 2.0,
     ) -> None:
         self._max_batch = max_batch_size
         self._queue_size = queue_size
         self._batch_wait_s = batch_wait_s
         self._starvation_s = starvation_s
+        self._prefill_tokens = prefill_tokens
         self._batch = batch
         self._waiting: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -537,11 +549,26 @@ class _Batcher:
                 return []  # let the batch drain so the next one serves the other adapter
         else:
             adapter = self._waiting[0].adapter
-        taken = [r for r in self._waiting if r.adapter == adapter][:free]
+        taken = self._within_prefill_budget([r for r in self._waiting if r.adapter == adapter][:free])
         for request in taken:
             self._waiting.remove(request)
         self._running = len(self._batch) + len(taken)
         self._largest = max(self._largest, self._running)
+        return taken
+
+    def _within_prefill_budget(self, candidates: list[_Request]) -> list[_Request]:
+        """The first candidates whose prompts fit the per-step prefill budget (always at least one).
+
+        On a CPU a prefill is compute-bound: eight prompts prefilled together take
+        eight times as long and delay every first token to the end. One at a time,
+        with a decode step between, the first answer starts after one prefill.
+        """
+        taken, budget = [], self._prefill_tokens
+        for request in candidates:
+            if taken and len(request.prompt_ids) > budget:
+                break
+            taken.append(request)
+            budget -= len(request.prompt_ids)
         return taken
 
     def _other_adapter_starving(self, adapter: str | None) -> bool:

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     )
     generator_max_batch_size: int = Field(8, ge=1, description="Requests decoded together in one batch.")
     generator_queue_size: int = Field(64, ge=1, description="Waiting requests before 429 Too Many Requests.")
+    generator_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens prefilled together between two decode steps (at least one request); "
+        "default 8192 on CUDA, 512 on CPU, where a prefill is compute-bound and one at a time starts answers sooner.",
+    )
     upstream_base_url: str | None = Field(
         None, description="An OpenAI-compatible server (e.g. vLLM) that generates instead of a local model."
     )

@@ -143,6 +143,22 @@ def test_concurrent_requests_share_a_batch(generator):
     assert generator.stats().ready
 
 
+def test_prefill_budget_changes_scheduling_not_answers(generator, generator_model_path):
+    # the CPU default (512 tokens) prefills these one per step; a large budget prefills them together
+    from rag.local_generator import LocalGenerator
+
+    async def answers(gen):
+        return [text for text, _ in await asyncio.gather(*[gen.complete(ask(i), GREEDY) for i in range(3)])]
+
+    together = LocalGenerator(generator_model_path, max_batch_size=4, batch_wait_s=0.05, prefill_tokens=100_000)
+    try:
+        assert generator.prefill_tokens == 512 and together.prefill_tokens == 100_000
+        assert run(answers(generator)) == run(answers(together)) == [run(generator.complete(ask(i), GREEDY))[0] for i in range(3)]
+        assert together.stats().largest_batch == 3
+    finally:
+        run(together.aclose())
+
+
 def test_context_overflow_is_raised_before_any_event(generator):
     with pytest.raises(ContextOverflow) as info:
         run(collect(generator, CAPITAL, SamplingParams(max_tokens=8190)))
