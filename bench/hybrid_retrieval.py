@@ -288,7 +288,7 @@ def render(settings, args, tuned_rrf, tuned, qa_rows, dev_table, misses) -> str:
             f"**dev.jsonl** (answerable questions) over ../shared/corpus (zh + pdfs), chunk_size {settings.chunk_size}, "
             f"overlap {settings.chunk_overlap}, neighbour steps {list(STEPS)} (char budget {settings.neighbour_char_budget}). hit@k: every evidence string inside the top k passages. "
             "\"hits merged\": the same dense ranking through rag.retrieval (adjacent hits of one document joined "
-            "into one passage).",
+            "into one passage; recalled hits ranked below the k-th passage still join a passage they touch).",
             dev_table,
             "Hybrid misses at k=5: " + "; ".join(f"{k}: {' '.join(v) or 'none'}" for k, v in misses.items() if k.endswith("@5")),
         ]

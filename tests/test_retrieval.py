@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memory.ingestion import add_paths
@@ -120,6 +122,22 @@ def test_adjacent_hits_of_one_document_merge_into_one_passage(kbs):
         # with one neighbour on each side, hits 4 and 6 touch (via 5) and 12 stays apart
         widened = merge_into_passages(kb, ranked, top_k=3, step=1, char_budget=10_000)
         assert [p.chunk_ids for p in widened] == [(chunks[3].id, chunks[4].id, chunks[6].id), (chunks[12].id,)]
+    finally:
+        kb.close()
+
+
+def test_lower_ranked_hit_joins_a_chosen_passage_after_the_slots_are_taken(kbs):
+    kb = kbs.open("kb")
+    try:
+        documents = {Path(d.path).name: d for d in kb.store.documents()}
+        long_doc = documents["long.txt"]
+        chunks = {c.ordinal: c for c in kb.store.chunks_of_document(long_doc.id, 0, long_doc.chunk_count)}
+        refund = kb.store.chunks_of_document(documents["refund.txt"].id, 0, 0)[0]
+        # two slots: 3 and 12 take them; the refund chunk and 9 find none, yet 4 (ranked after them) touches 3
+        ranked = [Candidate(c, 0.5, 1.0 / (1 + n)) for n, c in enumerate([chunks[3], chunks[12], refund, chunks[9], chunks[4]])]
+        passages = merge_into_passages(kb, ranked, top_k=2, step=0, char_budget=1500)
+        assert [p.chunk_ids for p in passages] == [(chunks[3].id, chunks[4].id), (chunks[12].id,)]
+        assert chunks[4].text[-5:] in passages[0].text and not any(p.source.endswith("refund.txt") for p in passages)
     finally:
         kb.close()
 
