@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ingest.clean import clean_document
 from ingest.documents import Chunk, CleanedDocument, IngestError, UnsupportedFile
@@ -30,6 +32,7 @@ __all__ = [
     "UnsupportedFile",
     "iter_candidate_files",
     "prepare_file",
+    "prepare_files",
 ]
 
 
@@ -58,6 +61,60 @@ def prepare_file(path: Path, chunk_size: int, chunk_overlap: int) -> PreparedDoc
     if not chunks:  # pragma: no cover - non-empty text always gives a chunk
         raise IngestError(path, "no text after cleaning")
     return PreparedDocument(path, cleaned, chunks)
+
+
+class IndexableChunk(NamedTuple):
+    """A chunk with what storing it needs besides its vector: the text's sha256 and its BM25 tokens."""
+
+    ordinal: int
+    text: str
+    text_sha: str
+    pages: tuple[int, ...]
+    start: int
+    end: int
+    tokens: str
+
+
+class PreparedFile(NamedTuple):
+    """What :func:`prepare_files` made of one file: status ``ok``, ``skipped`` or ``failed``."""
+
+    status: str
+    reason: str | None
+    chunks: list[IndexableChunk]
+
+
+def prepare_files(
+    paths: list[str], chunk_size: int, chunk_overlap: int, token_text: Callable[[str], str]
+) -> list[PreparedFile]:
+    """:func:`prepare_file` for several files, each chunk hashed and tokenised by ``token_text``.
+
+    Errors a user's file can cause come back as values (they cross a process
+    boundary, and IngestError does not pickle); anything else raises.
+    """
+    out = []
+    for path in paths:
+        try:
+            prepared = prepare_file(Path(path), chunk_size, chunk_overlap)
+        except UnsupportedFile as exc:
+            out.append(PreparedFile("skipped", exc.reason, []))
+            continue
+        except IngestError as exc:
+            out.append(PreparedFile("failed", exc.reason, []))
+            continue
+        chunks = [
+            IndexableChunk(
+                c.ordinal,
+                c.text,
+                hashlib.sha256(c.text.encode("utf-8")).hexdigest(),
+                tuple(c.pages),
+                c.start,
+                c.end,
+                token_text(c.text),
+            )
+            for c in prepared.chunks
+        ]
+        out.append(PreparedFile("ok", None, chunks))
+    return out
 
 
 def _is_hidden(name: str) -> bool:

@@ -277,13 +277,10 @@ class ChunkStore:
         )
         return [_chunk_record(r) for r in rows]
 
-    def all_tokens(self) -> tuple[np.ndarray, list[list[str]]]:
-        """(ids, token lists) of every chunk, for building the BM25 index."""
-        ids, token_lists = [], []
+    def iter_tokens(self) -> Iterator[tuple[int, list[str]]]:
+        """(id, BM25 tokens) of every chunk, one at a time, for building the BM25 index."""
         for chunk_id, tokens, text in self.conn.execute("SELECT id, tokens, text FROM chunks ORDER BY id"):
-            ids.append(chunk_id)
-            token_lists.append(tokens.split() if tokens is not None else tokenize(text))
-        return np.asarray(ids, dtype=np.int64), token_lists
+            yield chunk_id, tokens.split() if tokens is not None else tokenize(text)
 
     def iter_chunk_texts(self) -> Iterator[tuple[int, str]]:
         yield from self.conn.execute("SELECT id, text FROM chunks ORDER BY id")

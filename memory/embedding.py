@@ -252,6 +252,10 @@ class Embedder:
         precision = f", dtype={self.dtype!r}" if self.backend == "torch" else ""
         return f"Embedder({self.model_id!r}, dim={self.dimension}, backend={self.backend!r}, device={self.device!r}{precision})"
 
+    def warm_up(self) -> None:
+        """Load the model now (ingest does it in a thread while the first files are parsed)."""
+        self.encoder
+
     def embed_passages(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed documents (with the model's passage prompt).
 
@@ -411,6 +415,7 @@ class _TorchEncoder:
                 str(path), device=device, local_files_only=True, model_kwargs={"dtype": getattr(torch, dtype)}
             )
         self.model.to(getattr(torch, dtype))  # modules outside the transformer (e.g. Dense) too
+        _pad_to_multiple_of(self.model, _PAD_TO_MULTIPLE_OF)
         dim = _st_dimension(self.model)
         self.dimension = dim if dim else int(self.encode(["x"], "", "query", 1).shape[1])
 
@@ -427,6 +432,25 @@ class _TorchEncoder:
             show_progress_bar=False,
         )
         return np.asarray(out, dtype=np.float32)
+
+
+# Batches are padded to a multiple of this many tokens. oneDNN caches a kernel per
+# input shape; with every length from 1 to 512 possible, the cache kept growing
+# through a long ingest (RSS +700 MB over 27k passages, docs/BENCHMARKS.md). Padding
+# tokens are masked out of attention and pooling, and 16 measured as fast as none.
+_PAD_TO_MULTIPLE_OF = 16
+
+
+def _pad_to_multiple_of(model: object, multiple: int) -> None:
+    """Make sentence-transformers' text modules pad batches to a multiple of ``multiple`` tokens."""
+    for module in model:
+        kwargs = getattr(module, "processing_kwargs", None)
+        max_length = getattr(module, "max_seq_length", None)
+        if not isinstance(kwargs, dict) or not max_length or max_length % multiple:
+            continue  # not a transformer module, or padding could go past the model's length
+        text = dict(kwargs.get("text") or {})
+        text.setdefault("pad_to_multiple_of", multiple)
+        module.processing_kwargs = {**kwargs, "text": text}
 
 
 def _st_dimension(model: object) -> int | None:

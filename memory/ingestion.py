@@ -3,26 +3,39 @@
 ``add_paths`` is what ``ingest add`` runs. A file is re-read only when its
 content hash changed; a chunk text already embedded anywhere in the knowledge
 base (or earlier in the run) reuses its vector instead of being embedded again.
-Embedding runs in a worker thread while the next files are parsed. Documents are
-committed in batches, each one transaction, so a kill loses at most the batches
-in flight and the next run finishes the work.
+Documents are committed in batches, each one transaction, so a kill loses at
+most the batches in flight and the next run finishes the work.
+
+Three things run at once on a first ingest (measured in docs/BENCHMARKS.md,
+"Ingest: zhiku vs LangChain reference"):
+
+* a worker thread loads the embedding model as soon as a file needs parsing,
+  then embeds batch after batch (torch runs outside the GIL);
+* a parsing process loads, cleans and splits files and computes each chunk's
+  BM25 tokens (pdfplumber and jieba are pure Python: in this process they
+  would hold the GIL the embedding thread needs), a bounded number of files
+  ahead of the embedder;
+* the calling thread hashes files, skips unchanged ones and commits batches.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ingest.documents import IngestError, UnsupportedFile
-from ingest.pipeline import iter_candidate_files, prepare_file
+from ingest.loaders import PDF_SUFFIXES
+from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
+from ingest.worker import ParseWorker
 from memory.chunk_store import ChunkStore, NewChunk
 from memory.files import file_sha256
+from memory.lexical_index import token_text
 from memory.knowledge_base import (
     STORE_DB,
     DocumentUpdate,
@@ -33,7 +46,17 @@ from memory.knowledge_base import (
     Manifest,
 )
 
-EMBED_BATCH_CHUNKS = 256
+EMBED_BATCH_CHUNKS = 1024  # long enough to sort by length well (less padding), short enough to commit often
+# Parsing in a separate process pays off from this many files to parse (or one PDF);
+# below it, starting the process costs more than it saves.
+PARALLEL_PARSE_MIN_FILES = 8
+PARSE_GROUP_FILES = 16  # files per task sent to the parsing process...
+PARSE_GROUP_BYTES = 128 * 1024  # ...or fewer when they are this big together
+# Parsing runs ahead of embedding by up to this many files or bytes of files: on a first
+# ingest it gets through most files while the model loads, and is idle during embedding.
+READ_AHEAD_FILES = 4096
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+PARSE_WORKER_NICENESS = 5
 
 
 class Progress:
@@ -147,7 +170,13 @@ class _Batcher:
         self.previous_fresh: dict[str, np.ndarray] = {}
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiku-embed")
 
-    def add(self, update: DocumentUpdate, chunks: list) -> None:
+    def warm_up(self) -> None:
+        """Start loading the embedding model in the worker, ahead of the first batch."""
+        warm_up = getattr(self.embedder, "warm_up", None)
+        if warm_up is not None:
+            self.worker.submit(warm_up)
+
+    def add(self, update: DocumentUpdate, chunks: list[IndexableChunk]) -> None:
         self.pending.append((update, chunks))
         self.pending_chunks += len(chunks)
         self.progress.chunks_queued(len(chunks))
@@ -165,7 +194,7 @@ class _Batcher:
 
     def _submit(self) -> None:
         documents, self.pending, self.pending_chunks = self.pending, [], 0
-        texts = {text_sha256(c.text): c.text for _, chunks in documents for c in chunks}
+        texts = {c.text_sha: c.text for _, chunks in documents for c in chunks}
         known = self.kb.store.vectors_by_text(texts)
         embedding_now = set(self.in_flight.missing) if self.in_flight else set()
         missing = [sha for sha in texts if sha not in known and sha not in embedding_now]
@@ -185,8 +214,8 @@ class _Batcher:
         updates = []
         for update, chunks in batch.documents:
             new_chunks = tuple(
-                NewChunk(c.ordinal, c.text, sha, tuple(c.pages), c.start, c.end, lookup[sha])
-                for c, sha in ((c, text_sha256(c.text)) for c in chunks)
+                NewChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end, lookup[c.text_sha], c.tokens)
+                for c in chunks
             )
             updates.append(DocumentUpdate(update.path, update.sha256, update.size, update.status, update.error, new_chunks))
         self.kb.put_documents(updates)
@@ -225,20 +254,124 @@ def add_paths(
         files = list(iter_candidate_files(paths))
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress)
+        parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in PDF_SUFFIXES for p in files)
+        parser = _Parser(chunk_size, chunk_overlap, parallel)
+        queue: deque[FileOutcome | _Parsing] = deque()
+        ahead = 0  # bytes of the files in ``queue``
+
+        def finish_oldest() -> None:
+            nonlocal ahead
+            item = queue.popleft()
+            if isinstance(item, FileOutcome):
+                outcome = item
+            else:
+                ahead -= item.size
+                outcome = item.finish(parser, batcher)
+            report.outcomes.append(outcome)
+            progress.file_done(outcome.path)
+
         try:
             for path in files:
-                outcome = _ingest_file(kb, batcher, path, chunk_size, chunk_overlap)
-                report.outcomes.append(outcome)
-                progress.file_done(outcome.path)
+                item = _check_file(kb, path)
+                if isinstance(item, _Parsing):
+                    if not parser.started:
+                        parser.start()
+                        batcher.warm_up()
+                    parser.submit(item)
+                    ahead += item.size
+                queue.append(item)
+                while len(queue) > READ_AHEAD_FILES or ahead > READ_AHEAD_BYTES:
+                    finish_oldest()
+            while queue:
+                finish_oldest()
             batcher.finish()
         finally:
+            parser.close()
             batcher.close()
         if prune:
             report.outcomes += prune_missing(kb, paths)
     return report
 
 
-def _ingest_file(kb: KnowledgeBase, batcher: _Batcher, path: Path, chunk_size: int, chunk_overlap: int) -> FileOutcome:
+@dataclass
+class _Parsing:
+    """A file that needs (re)parsing: which task parses it, and where its result is in that task's."""
+
+    key: str
+    source: str  # the path as found (its suffix decides how it is read, even through a symlink)
+    sha256: str
+    size: int
+    task: "_ParseTask | None" = None
+    slot: int = 0
+
+    def finish(self, parser: "_Parser", batcher: _Batcher) -> FileOutcome:
+        prepared: PreparedFile = parser.result(self)
+        update = DocumentUpdate(self.key, self.sha256, self.size, prepared.status, prepared.reason)
+        batcher.add(update, prepared.chunks)
+        if prepared.status == "ok":
+            return FileOutcome(self.key, "ingested", len(prepared.chunks))
+        return FileOutcome(self.key, prepared.status, error=prepared.reason)
+
+
+@dataclass
+class _ParseTask:
+    paths: list[str] = field(default_factory=list)
+    size: int = 0
+    submitted: bool = False
+    ticket: int = -1  # in the parsing process
+    results: list[PreparedFile] | None = None
+
+
+class _Parser:
+    """Parses files (load, clean, split, tokenise) in groups, in a separate process when ``parallel``."""
+
+    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool):
+        self.chunk_size = chunk_size
+        self.chunk_overlap = chunk_overlap
+        self.parallel = parallel
+        self.started = False
+        self.worker: ParseWorker | None = None
+        self.group = _ParseTask()
+
+    def start(self) -> None:
+        self.started = True
+        if self.parallel:
+            self.worker = ParseWorker(niceness=PARSE_WORKER_NICENESS)
+
+    def submit(self, item: _Parsing) -> None:
+        item.task, item.slot = self.group, len(self.group.paths)
+        self.group.paths.append(item.source)
+        self.group.size += item.size
+        if len(self.group.paths) >= PARSE_GROUP_FILES or self.group.size >= PARSE_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        task, self.group = self.group, _ParseTask()
+        if not task.paths:
+            return
+        task.submitted = True
+        args = (task.paths, self.chunk_size, self.chunk_overlap, token_text)
+        if self.worker is not None:
+            task.ticket = self.worker.submit(prepare_files, *args)
+        else:
+            task.results = prepare_files(*args)
+
+    def result(self, item: _Parsing) -> PreparedFile:
+        task = item.task
+        if not task.submitted:
+            self.flush()
+        if task.results is None:
+            task.results = self.worker.result(task.ticket)
+        prepared, task.results[item.slot] = task.results[item.slot], None  # freed once committed
+        return prepared
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def _check_file(kb: KnowledgeBase, path: Path) -> FileOutcome | _Parsing:
+    """The outcome of a file that needs no parsing (unreadable, unchanged), else what to parse."""
     key = str(path.resolve())
     try:
         size = path.stat().st_size
@@ -248,16 +381,7 @@ def _ingest_file(kb: KnowledgeBase, batcher: _Batcher, path: Path, chunk_size: i
     stored = kb.store.document(key)
     if stored is not None and stored.sha256 == sha and stored.status in ("ok", "skipped"):
         return FileOutcome(key, "unchanged" if stored.status == "ok" else "skipped", stored.chunk_count, stored.error)
-    try:
-        prepared = prepare_file(path, chunk_size, chunk_overlap)
-    except UnsupportedFile as exc:
-        batcher.add(DocumentUpdate(key, sha, size, "skipped", exc.reason), [])
-        return FileOutcome(key, "skipped", error=exc.reason)
-    except IngestError as exc:
-        batcher.add(DocumentUpdate(key, sha, size, "failed", exc.reason), [])
-        return FileOutcome(key, "failed", error=exc.reason)
-    batcher.add(DocumentUpdate(key, sha, size, "ok"), prepared.chunks)
-    return FileOutcome(key, "ingested", len(prepared.chunks))
+    return _Parsing(key, str(path), sha, size)
 
 
 def _is_under(path: str, roots: list[Path]) -> bool:

@@ -205,7 +205,7 @@ class KnowledgeBase:
         with self.store.snapshot():
             generation = self.store.generation()
             if generation != self._lexical_generation or self._lexical is None:
-                self._lexical = self._saved_lexical(generation) or LexicalIndex.build(*self.store.all_tokens())
+                self._lexical = self._saved_lexical(generation) or LexicalIndex.build_streaming(self.store.iter_tokens())
                 self._lexical_generation = generation
         return self._lexical
 

@@ -301,3 +301,48 @@ def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder, monkeyp
         assert {h.source.rsplit("/", 1)[1] for h in hits} <= {"f1.txt", "f3.txt", "f5.txt", "f7.txt"}
     finally:
         kb.close()
+
+
+def test_parsing_in_a_separate_process_stores_what_parsing_in_process_does(kbs, docs, embedder, monkeypatch):
+    import memory.ingestion
+
+    (docs / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (docs / "slides.pptx").write_bytes(b"PK\x03\x04 not really")
+    in_process = ingest(kbs, [docs], embedder, name="inline")
+    monkeypatch.setattr(memory.ingestion, "PARALLEL_PARSE_MIN_FILES", 1)
+    monkeypatch.setattr(memory.ingestion, "PARSE_GROUP_FILES", 2)  # several requests in flight
+    monkeypatch.setattr(memory.ingestion, "READ_AHEAD_FILES", 2)
+    parallel = ingest(kbs, [docs], embedder, name="worker")
+    assert [(o.path, o.outcome, o.chunks, o.error) for o in parallel.outcomes] == [
+        (o.path, o.outcome, o.chunks, o.error) for o in in_process.outcomes
+    ]
+
+    def rows(name):
+        kb = kbs.open(name)
+        try:
+            return kb.store.conn.execute(
+                "SELECT d.path, c.ordinal, c.text, c.text_sha, c.pages, c.start_offset, c.end_offset, c.tokens, c.vector"
+                " FROM chunks c JOIN documents d ON d.id = c.document_id ORDER BY d.path, c.ordinal"
+            ).fetchall()
+        finally:
+            kb.close()
+
+    assert rows("worker") == rows("inline") and rows("worker")
+
+
+def test_a_dead_parsing_process_is_an_error_not_a_hang(tmp_path):
+    import os
+    import signal
+
+    from ingest.worker import ParseWorker, WorkerDied
+
+    worker = ParseWorker()
+    try:
+        ticket = worker.submit(os.getpid)
+        child = worker.result(ticket)
+        assert child == worker.process.pid
+        os.kill(child, signal.SIGKILL)
+        with pytest.raises(WorkerDied):
+            worker.result(worker.submit(os.getpid))
+    finally:
+        worker.close()

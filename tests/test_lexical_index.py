@@ -173,3 +173,18 @@ def test_stores_without_a_tokens_column_still_work(settings, docs, embedder):
         assert kb.check_consistency() == []
     finally:
         kb.close()
+
+
+def test_streaming_build_scores_exactly_like_bm25s_on_token_lists():
+    import bm25s
+
+    texts = [REFUND, GPU, WEATHER, REFUND + GPU, "退款 退款 退款", "无关"]
+    token_lists = [tokenize(t) for t in texts]
+    reference = bm25s.BM25()
+    reference.index(token_lists, show_progress=False)
+    index = LexicalIndex.build_streaming((10 + n, tokens) for n, tokens in enumerate(token_lists))
+    assert index.ids().tolist() == [10, 11, 12, 13, 14, 15]
+    for query in ("退款", "nvidia-smi 显存", "http/2 beijing", "申请 退款 账户"):
+        tokens = tokenize(query)
+        expected = reference.get_scores_from_ids(reference.get_tokens_ids(tokens))
+        assert np.array_equal(index._bm25.get_scores_from_ids(index._bm25.get_tokens_ids(tokens)), expected)
