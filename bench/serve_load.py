@@ -1,9 +1,12 @@
 """Load test of the chat server, in the spirit of ModelArts' ``benchmark_parallel.py``.
 
-    python -m bench.serve_load [--concurrency 1 4 8 16] [--rounds 2] [--pairs 1:64 3:128]
+    python -m bench.serve_load [--concurrency 1 4 8 16] [--rounds 2] [--pairs 1:256 3:128]
 
 A pair is ``TOP_K:MAX_TOKENS``: how many passages go into the prompt (its
-length) and how many tokens are generated. For each pair and concurrency level,
+length) and how many tokens are generated. The defaults are an answer-heavy
+pair (one passage, ~400 prompt tokens, 256 generated: a typical RAG answer)
+and a prompt-heavy one (three passages, ~1,500 prompt tokens, 128 generated),
+where a CPU's compute-bound prefill dominates. For each pair and concurrency level,
 every one of the ``c`` clients sends ``rounds`` streaming requests back to back
 (more at low concurrency, so every level has at least 8 samples).
 
@@ -306,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--pairs", nargs="+", default=["1:64", "3:128"], help="TOP_K:MAX_TOKENS pairs")
+    parser.add_argument("--pairs", nargs="+", default=["1:256", "3:128"], help="TOP_K:MAX_TOKENS pairs")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
