@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import secrets
@@ -617,9 +619,23 @@ class _Forward:
         mask = None if bool(attention_mask.all()) else attention_mask
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{_cache_keyword(type(_base_of(self.model))): cache},
         )  # fmt: skip
         return out.logits[:, -1, :].float()
+
+
+def _base_of(model):
+    """The transformers model under a PEFT wrapper (which passes the cache on by keyword)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """``cache`` on newer transformers 5.x, ``past_key_values`` before (the old name is going away)."""
+    forward = getattr(model_class, "forward", None)
+    takes = inspect.signature(forward).parameters if forward is not None else {}
+    return "cache" if "cache" in takes else "past_key_values"
 
 
 class _RunningBatch:

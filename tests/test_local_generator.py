@@ -206,8 +206,29 @@ async def timed(gen, messages, params, adapter=None) -> tuple[str, float, float]
     return "".join(parts), first, time.perf_counter()
 
 
+def _greedy_without_cache(model, ids, max_new_tokens: int, eos_ids) -> list[int]:
+    """Greedy tokens from full forwards of the whole sequence: PEFT's training path, no KV cache.
+
+    The prefix-tuning reference: PEFT's generate() passes the prefix as
+    ``past_key_values`` while transformers 5.2x's generate() sets its own ``cache``
+    and ignores the prefix, so generate() there answers as the base model.
+    """
+    import torch
+
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        token = int(logits.argmax())
+        if token in eos_ids:
+            break
+        tokens.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens
+
+
 def test_greedy_alone_equals_generate(generator_model_path, adapter_dirs):
-    """The decode loop gives exactly generate()'s greedy tokens: base, LoRA and prefix tuning."""
+    """The decode loop gives exactly the reference greedy tokens: generate() for the base and
+    LoRA, PEFT's own forward for prefix tuning; and the prefix really changes the answers."""
     import torch
     from transformers import GenerationConfig
 
@@ -221,11 +242,16 @@ def test_greedy_alone_equals_generate(generator_model_path, adapter_dirs):
         for adapter, messages in cases:
             ids = torch.tensor([gen.encode_prompt(messages)])
             with torch.inference_mode(), gen._models.activated(adapter) as model:
-                reference = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            expected.append(gen.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True))
+                if adapter == "ptuning":
+                    tokens = _greedy_without_cache(model, ids, 24, gen._eos_ids)
+                else:
+                    tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1] :]
+            expected.append(gen.tokenizer.decode(tokens, skip_special_tokens=True))
         for (adapter, messages), reference_text in zip(cases, expected):
             text, _ = run(gen.complete(messages, SamplingParams(max_tokens=24, temperature=0), adapter))
             assert text == reference_text, (adapter, messages)
+        base_answers, ptuning_answers = expected[:3], expected[6:]
+        assert base_answers != ptuning_answers  # the prefix is used, not silently dropped
     finally:
         run(gen.aclose())
 
