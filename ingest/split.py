@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 
-from langchain_text_splitters import RecursiveCharacterTextSplitter
-
 from ingest.documents import Chunk, CleanedDocument
 
 SEPARATORS = [
@@ -64,6 +62,10 @@ _CLAUSE_ENDS = set("，、：,:）)")
 
 def split_pieces(text: str, size: int) -> list[tuple[int, int]]:
     """Non-overlapping ``(start, end)`` pieces of at most ``size`` characters, in order."""
+    # Imported here: langchain_core costs ~0.2 s, paid only when a file is really split
+    # (an unchanged re-ingest never splits anything).
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
     splitter = RecursiveCharacterTextSplitter(
         separators=SEPARATORS,
         keep_separator="end",
