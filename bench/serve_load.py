@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import markdown_table, write_section
+from rag.local_generator import generator_dtype
 from settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ class Sample:
     ttft: float
     latency: float
     tokens: int
+    prompt_tokens: int = 0
     error: str = ""
 
     @property
@@ -76,7 +78,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ---- the two systems -------------------------------------------------------------
-async def via_server(http: httpx.AsyncClient, url: str, model: str, question: str, top_k: int, max_tokens: int) -> tuple[float, float, int]:
+async def via_server(http: httpx.AsyncClient, url: str, model: str, question: str, top_k: int, max_tokens: int) -> tuple[float, float, int, int]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
@@ -87,7 +89,7 @@ async def via_server(http: httpx.AsyncClient, url: str, model: str, question: st
         "top_k": top_k,
     }
     started = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, prompt_tokens = None, 0, 0
     # one long-lived client, as SDK users have (creating an httpx client costs ~20 ms of TLS set-up)
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
@@ -97,23 +99,23 @@ async def via_server(http: httpx.AsyncClient, url: str, model: str, question: st
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
             if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
                 ttft = time.perf_counter() - started
-    return ttft or 0.0, time.perf_counter() - started, tokens
+    return ttft or 0.0, time.perf_counter() - started, tokens, prompt_tokens
 
 
-async def in_process(generator, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
+async def in_process(generator, messages: list[dict], max_tokens: int) -> tuple[float, float, int, int]:
     from rag.generation import Finished, SamplingParams
 
     started = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, prompt_tokens = None, 0, 0
     async for event in generator.stream(messages, SamplingParams(max_tokens=max_tokens, temperature=0)):
         if isinstance(event, Finished):
-            tokens = event.completion_tokens
+            tokens, prompt_tokens = event.completion_tokens, event.prompt_tokens
         elif ttft is None and event.text:
             ttft = time.perf_counter() - started
-    return ttft or 0.0, time.perf_counter() - started, tokens
+    return ttft or 0.0, time.perf_counter() - started, tokens, prompt_tokens
 
 
 async def run_level(system: str, call, concurrency: int, rounds: int, pair: str) -> tuple[list[Sample], float]:
@@ -126,10 +128,10 @@ async def run_level(system: str, call, concurrency: int, rounds: int, pair: str)
         for r in range(requests_each):
             question = QUESTIONS[(worker + r * concurrency) % len(QUESTIONS)]
             try:
-                ttft, latency, tokens = await call(question)
-                samples.append(Sample(system, concurrency, pair, ttft, latency, tokens))
+                ttft, latency, tokens, prompt_tokens = await call(question)
+                samples.append(Sample(system, concurrency, pair, ttft, latency, tokens, prompt_tokens))
             except Exception as exc:  # an error is a result here, counted in the error rate
-                samples.append(Sample(system, concurrency, pair, 0.0, 0.0, 0, f"{type(exc).__name__}: {exc}"))
+                samples.append(Sample(system, concurrency, pair, 0.0, 0.0, 0, error=f"{type(exc).__name__}: {exc}"))
         return samples
 
     started = time.perf_counter()
@@ -252,6 +254,7 @@ def rows(samples: list[Sample], walls: dict) -> list[dict]:
                 "pair": pair,
                 "concurrency": c,
                 "requests": len(group),
+                "prompt_tokens_mean": sum(s.prompt_tokens for s in ok) / max(1, len(ok)),
                 "ttft_p50_ms": percentile([s.ttft for s in ok], 50) * 1000,
                 "ttft_p99_ms": percentile([s.ttft for s in ok], 99) * 1000,
                 "tpot_p50_ms": percentile([s.tpot for s in ok], 50) * 1000,
@@ -330,6 +333,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
         local, local_walls = asyncio.run(in_process_phase(settings, pairs, args.concurrency, args.rounds))
+    precision = str(generator_dtype(settings.generator_dtype, "cpu")).removeprefix("torch.")
 
     table = rows(served + local, {**server_walls, **local_walls})
     findings = verdicts(table)
@@ -344,7 +348,7 @@ def main() -> None:
     plot(table, OUT / "serve_load.png")
     shown = [{k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items()} for r in table]
     body = (
-        f"Generator: {model} on CPU; {args.rounds} rounds per client; pairs are TOP_K:MAX_TOKENS "
+        f"Generator: {model} on CPU ({precision}); {args.rounds} rounds per client; pairs are TOP_K:MAX_TOKENS "
         "(passages in the prompt : tokens generated, greedy). CSV: `docs/bench/serve_load.csv`, "
         "plot: `docs/bench/serve_load.png`.\n\n" + markdown_table(shown) + "\n\n" + "\n".join(findings)
     )

@@ -158,7 +158,15 @@ def evaluate(
     served = dict(adapters or {})
     if adapter is not None:
         served.setdefault(Path(adapter).name, Path(adapter))
-    generator = LocalGenerator(base, adapters=served, max_batch_size=batch_size, queue_size=max(64, batch_size * 4))
+    generator = LocalGenerator(
+        base,
+        adapters=served,
+        device=settings.generator_device,  # the server's placement and precision, so answers match it
+        dtype=settings.generator_dtype,
+        quantization=settings.generator_quantization,
+        max_batch_size=batch_size,
+        queue_size=max(64, batch_size * 4),
+    )
     retriever = None
     if kb:
         retriever = _retriever(settings, kb)

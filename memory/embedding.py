@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 
 from memory.model_cache import NotInCache, hf_cache_snapshot
+from memory.torch_device import cpu_has_fast_bf16, resolve_device
 from settings import BUNDLED_EMBEDDING_MODEL, Settings
 
 __all__ = [
@@ -230,7 +231,7 @@ class Embedder:
     # re-ingest with nothing new should not pay for.
     @functools.cached_property
     def device(self) -> str:
-        return _resolve_device(self._device_setting)
+        return resolve_device(self._device_setting)
 
     @functools.cached_property
     def dtype(self) -> str:
@@ -363,26 +364,15 @@ _LIBC_TRIM = _find_malloc_trim()
 def resolve_dtype(dtype: str, device: str) -> str:
     """The torch precision for ``dtype`` on ``device``.
 
-    'auto' picks float16 on CUDA and bfloat16 on CPUs with AMX tiles (Sapphire
-    Rapids and later), where oneDNN runs bf16 matmuls about 3x faster than fp32
-    at a cosine of >= 0.998 to the fp32 vectors (docs/BENCHMARKS.md); elsewhere float32.
+    'auto' picks float16 on CUDA and bfloat16 on CPUs with native bf16 matmuls
+    (AMX, AVX512-BF16), where it embeds 2-3x faster than fp32 at a cosine of
+    >= 0.998 to the fp32 vectors (docs/BENCHMARKS.md); elsewhere float32.
     """
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
         return "float16"
-    import torch
-
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bfloat16" if amx() else "float32"
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
 @contextlib.contextmanager

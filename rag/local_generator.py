@@ -72,6 +72,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from memory.torch_device import cpu_has_fast_bf16, resolve_device
 from rag.bundled_generator import BUNDLED_FOLDER_NAME, resolve_generator_model
 from rag.generation import (
     ContextOverflow,
@@ -135,7 +136,7 @@ class LocalGenerator:
         self.max_batch_size = max_batch_size
         self.queue_size = queue_size
         self.batch_wait_s = batch_wait_s
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.tokenizer = _load_tokenizer(model_path)
         base = _load_model(model_path, self.device, dtype, quantization)
         self._models = _AdapterSet(base, adapters or {})
@@ -261,18 +262,15 @@ def _validate(params: SamplingParams) -> None:
 # --------------------------------------------------------------------------
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _torch_dtype(dtype: str, device: str) -> torch.dtype:
+def generator_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype the generator runs in for the ``generator_dtype`` setting on ``device``."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU half precision is slow or unsupported for many kernels
+    # CPU: bf16 where the matmuls are native (1.9x faster prefill, same answer likelihood:
+    # docs/BENCHMARKS.md, generator precision); elsewhere CPU half precision is slow
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def _load_tokenizer(path: str | Path):
@@ -290,7 +288,7 @@ def _load_tokenizer(path: str | Path):
 def _load_model(path: str | Path, device: str, dtype: str, quantization: str):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype, device), "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": generator_dtype(dtype, device), "local_files_only": True}
     if device.startswith("cuda"):
         # one GPU named: everything on it; plain "cuda": let accelerate spread a large model
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}

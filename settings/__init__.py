@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     embedding_device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     embedding_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Torch backend precision. 'auto': float16 on CUDA, bfloat16 on CPUs with AMX "
-        "(measured ~3x faster, same retrieval quality), else float32.",
+        description="Torch backend precision. 'auto': float16 on CUDA, bfloat16 on CPUs with native bf16 "
+        "matmuls (AMX, AVX512-BF16: measured 2-3x faster, same retrieval quality), else float32.",
     )
     embedding_batch_size: int = Field(32, ge=1)
 
@@ -133,7 +133,9 @@ class Settings(BaseSettings):
     )
     generator_device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     generator_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 (or float16) on CUDA, float32 on CPU."
+        "auto",
+        description="'auto': bfloat16 (or float16) on CUDA; on the CPU bfloat16 where bf16 matmuls are native "
+        "(AMX, AVX512-BF16: ~1.9x faster prefill, same answer likelihood), else float32.",
     )
     generator_quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes quantisation of the base model (CUDA only)."

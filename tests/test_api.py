@@ -356,7 +356,7 @@ def test_upstream_backend_against_a_second_server(server, state, model):
 def test_full_queue_is_429_with_retry_after(state, generator_model_path):
     from rag.local_generator import LocalGenerator
 
-    narrow = LocalGenerator(generator_model_path, model_id=state.generator.model_id, max_batch_size=1, queue_size=1)
+    narrow = LocalGenerator(generator_model_path, dtype="float32", model_id=state.generator.model_id, max_batch_size=1, queue_size=1)
     busy = ServerState(**{**state.__dict__, "generator": narrow, "chat": ChatService(narrow, state.retriever, state.settings)})
     story = {"model": narrow.model_id, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 120, "knowledge_base": None}
 

@@ -89,7 +89,7 @@ def test_resume_continues_from_the_checkpoint_step(trained, data_file, ft_settin
 def test_adapters_load_in_local_generator_and_change_the_output(trained, generator_model_path):
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, adapters={m: r.out for m, r in trained.items()})
+    gen = LocalGenerator(generator_model_path, dtype="float32", adapters={m: r.out for m, r in trained.items()})
     try:
         ask = [{"role": "user", "content": SECRET}]
         greedy = SamplingParams(max_tokens=12, temperature=0)
@@ -110,8 +110,8 @@ def test_merge_equals_the_adapter_and_ptuning_is_refused(trained, generator_mode
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
     ask = [{"role": "user", "content": SECRET}]
     greedy = SamplingParams(max_tokens=12, temperature=0)
-    merged = LocalGenerator(tmp_path / "merged")
-    adapted = LocalGenerator(generator_model_path, adapters={"lora": trained["lora"].out})
+    merged = LocalGenerator(tmp_path / "merged", dtype="float32")
+    adapted = LocalGenerator(generator_model_path, dtype="float32", adapters={"lora": trained["lora"].out})
     try:
         assert asyncio.run(merged.complete(ask, greedy))[0] == asyncio.run(adapted.complete(ask, greedy, "lora"))[0]
     finally:

@@ -31,7 +31,7 @@ def ask(i: int) -> list[dict]:
 def generator(generator_model_path):
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, max_batch_size=4, queue_size=16, batch_wait_s=0.05)
+    gen = LocalGenerator(generator_model_path, dtype="float32", max_batch_size=4, queue_size=16, batch_wait_s=0.05)
     yield gen
     asyncio.run(gen.aclose())
 
@@ -150,7 +150,7 @@ def test_prefill_budget_changes_scheduling_not_answers(generator, generator_mode
     async def answers(gen):
         return [text for text, _ in await asyncio.gather(*[gen.complete(ask(i), GREEDY) for i in range(3)])]
 
-    together = LocalGenerator(generator_model_path, max_batch_size=4, batch_wait_s=0.05, prefill_tokens=100_000)
+    together = LocalGenerator(generator_model_path, dtype="float32", max_batch_size=4, batch_wait_s=0.05, prefill_tokens=100_000)
     try:
         assert generator.prefill_tokens == 512 and together.prefill_tokens == 100_000
         assert run(answers(generator)) == run(answers(together)) == [run(generator.complete(ask(i), GREEDY))[0] for i in range(3)]
@@ -234,7 +234,7 @@ def test_greedy_alone_equals_generate(generator_model_path, adapter_dirs):
 
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, adapters=adapter_dirs, batch_wait_s=0)
+    gen = LocalGenerator(generator_model_path, dtype="float32", adapters=adapter_dirs, batch_wait_s=0)
     config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=sorted(gen._eos_ids), pad_token_id=gen._pad_id)
     cases = [(adapter, messages) for adapter in (None, "lora", "ptuning") for messages in (CAPITAL, ESSAY, ask(3))]
     try:
@@ -279,7 +279,7 @@ def test_a_newcomer_joins_the_running_batch(generator):
 def two_slots(generator_model_path):
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, max_batch_size=2, queue_size=8, batch_wait_s=0.05)
+    gen = LocalGenerator(generator_model_path, dtype="float32", max_batch_size=2, queue_size=8, batch_wait_s=0.05)
     yield gen
     asyncio.run(gen.aclose())
 
@@ -326,7 +326,7 @@ def single_slot(generator_model_path):
     """One request at a time, one waiting: makes queueing observable."""
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, max_batch_size=1, queue_size=1, batch_wait_s=0)
+    gen = LocalGenerator(generator_model_path, dtype="float32", max_batch_size=1, queue_size=1, batch_wait_s=0)
     yield gen
     asyncio.run(gen.aclose())
 
@@ -375,7 +375,7 @@ def test_adapters_change_output_and_base_stays_base(generator_model_path, adapte
     from rag.local_generator import LocalGenerator
 
     plain, _ = run(generator.complete(CAPITAL, GREEDY))
-    gen = LocalGenerator(generator_model_path, adapters=adapter_dirs, max_batch_size=4, batch_wait_s=0.05)
+    gen = LocalGenerator(generator_model_path, dtype="float32", adapters=adapter_dirs, max_batch_size=4, batch_wait_s=0.05)
     try:
         assert set(gen.adapters) == {"lora", "ptuning"}
         lora, _ = run(gen.complete(CAPITAL, GREEDY, adapter="lora"))
@@ -394,7 +394,7 @@ def test_adapters_change_output_and_base_stays_base(generator_model_path, adapte
     finally:
         run(gen.aclose())
     # the LoRA layers are off while the prefix adapter runs: same as serving it alone
-    alone = LocalGenerator(generator_model_path, adapters={"ptuning": adapter_dirs["ptuning"]})
+    alone = LocalGenerator(generator_model_path, dtype="float32", adapters={"ptuning": adapter_dirs["ptuning"]})
     try:
         assert run(alone.complete(CAPITAL, GREEDY, adapter="ptuning"))[0] == prefix
     finally:
@@ -405,13 +405,13 @@ def test_quantization_needs_cuda(generator_model_path):
     from rag.local_generator import LocalGenerator
 
     with pytest.raises(GenerationError, match="CUDA"):
-        LocalGenerator(generator_model_path, device="cpu", quantization="4bit")
+        LocalGenerator(generator_model_path, dtype="float32", device="cpu", quantization="4bit")
 
 
 def test_aclose_ends_running_and_waiting_requests(generator_model_path):
     from rag.local_generator import LocalGenerator
 
-    gen = LocalGenerator(generator_model_path, max_batch_size=1, batch_wait_s=0)
+    gen = LocalGenerator(generator_model_path, dtype="float32", max_batch_size=1, batch_wait_s=0)
 
     async def scenario():
         running = asyncio.create_task(collect(gen, ESSAY, SamplingParams(max_tokens=400, temperature=0)))
