@@ -19,8 +19,9 @@ Two systems run the same prompts in the same run:
 
 Reported: TTFT p50/p99, time per output token, aggregate output tokens/s, error
 rate; CSV and a PNG plot under docs/bench/, a summary in docs/BENCHMARKS.md.
-Targets: the server's TTFT p50 is at most 50 ms above in-process; server
-throughput at concurrency 8 is ≥ 2.5× concurrency 1; no errors.
+Targets: server throughput at concurrency 8 is ≥ 2.5× concurrency 1; no errors.
+The TTFT target (retrieval + HTTP add ≤ 50 ms) is measured by ``bench.serve_overhead``
+with paired requests: between two runs a CPU prefill drifts by more than that.
 """
 
 from __future__ import annotations
@@ -298,8 +299,7 @@ def verdicts(table: list[dict]) -> list[str]:
     for pair in sorted({r["pair"] for r in table}):
         for c in levels:
             added = get("server", c, pair, "ttft_p50_ms") - get("in-process", c, pair, "ttft_p50_ms")
-            mark = "✅" if added <= 50 else "❌"
-            lines.append(f"- pair {pair}, c={c}: retrieval + HTTP add {added:+.0f} ms to TTFT p50 {mark} (target ≤ 50 ms)")
+            lines.append(f"- pair {pair}, c={c}: server − in-process TTFT p50 {added:+.0f} ms (separate runs; the paired measurement of the ≤ 50 ms target is bench.serve_overhead)")
         if 1 in levels and 8 in levels:
             ratio = get("server", 8, pair, "throughput_tok_s") / get("server", 1, pair, "throughput_tok_s")
             lines.append(f"- pair {pair}: server throughput c=8 / c=1 = {ratio:.2f}× {'✅' if ratio >= 2.5 else '❌'} (target ≥ 2.5×)")
