@@ -315,7 +315,13 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["1:256", "3:128"], help="TOP_K:MAX_TOKENS pairs")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from docs/bench/serve_load.csv")
     args = parser.parse_args()
+    model = Settings().generator_model
+    precision = str(generator_dtype(Settings().generator_dtype, "cpu")).removeprefix("torch.")
+    if args.report_only:
+        write_report(read_csv(OUT / "serve_load.csv"), model, precision, args.rounds)
+        return
     pairs = parse_pairs(args.pairs)
 
     with tempfile.TemporaryDirectory(prefix="zhiku-serve-bench-") as tmp:
@@ -333,11 +339,9 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
         local, local_walls = asyncio.run(in_process_phase(settings, pairs, args.concurrency, args.rounds))
-    precision = str(generator_dtype(settings.generator_dtype, "cpu")).removeprefix("torch.")
 
     table = rows(served + local, {**server_walls, **local_walls})
-    findings = verdicts(table)
-    print("\n".join(findings))
+    print("\n".join(verdicts(table)))
     if args.no_write:
         return
     OUT.mkdir(parents=True, exist_ok=True)
@@ -345,12 +349,21 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
+    write_report(table, model, precision, args.rounds)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: v if k in ("system", "pair") else (int(v) if k in ("concurrency", "requests", "output_tokens") else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_report(table: list[dict], model: str, precision: str, rounds: int) -> None:
     plot(table, OUT / "serve_load.png")
     shown = [{k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in r.items()} for r in table]
     body = (
-        f"Generator: {model} on CPU ({precision}); {args.rounds} rounds per client; pairs are TOP_K:MAX_TOKENS "
+        f"Generator: {model} on CPU ({precision}); {rounds} rounds per client; pairs are TOP_K:MAX_TOKENS "
         "(passages in the prompt : tokens generated, greedy). CSV: `docs/bench/serve_load.csv`, "
-        "plot: `docs/bench/serve_load.png`.\n\n" + markdown_table(shown) + "\n\n" + "\n".join(findings)
+        "plot: `docs/bench/serve_load.png`.\n\n" + markdown_table(shown) + "\n\n" + "\n".join(verdicts(table))
     )
     write_section("serve_load", "Chat server under load (server vs in-process generator)", "python -m bench.serve_load", body)
 

@@ -268,7 +268,7 @@ def generator_dtype(dtype: str, device: str) -> torch.dtype:
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: bf16 where the matmuls are native (1.9x faster prefill, same answer likelihood:
+    # CPU: bf16 where the matmuls are native (1.8x faster prefill, same answer likelihood:
     # docs/BENCHMARKS.md, generator precision); elsewhere CPU half precision is slow
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 

@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     generator_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="'auto': bfloat16 (or float16) on CUDA; on the CPU bfloat16 where bf16 matmuls are native "
-        "(AMX, AVX512-BF16: ~1.9x faster prefill, same answer likelihood), else float32.",
+        "(AMX, AVX512-BF16: ~1.8x faster prefill, same answer likelihood), else float32.",
     )
     generator_quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="bitsandbytes quantisation of the base model (CUDA only)."
