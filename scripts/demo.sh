@@ -37,8 +37,10 @@ print(f"\nserving {model} on {base}/v1 (knowledge base zhiku-docs)")
 for question in ["How do I start the server and which port does it use?",
                  "What happens if ingest is killed halfway?",
                  "怎么给知识库换向量模型？"]:
+    # two passages and a frequency penalty: a 135M model loses the thread in long prompts and repeats itself
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=120)
+                                           temperature=0, max_tokens=120, frequency_penalty=0.5,
+                                           extra_body={"top_k": 2})
     print(f"\n=== {question}\n{reply.choices[0].message.content.strip()}")
     for source in reply.model_dump()["sources"]:
         print(f"  [{source['index']}] {source['source']} (score {source['score']:.3f})")
