@@ -317,8 +317,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from docs/bench/serve_load.csv")
     args = parser.parse_args()
-    model = Settings().generator_model
-    precision = str(generator_dtype(Settings().generator_dtype, "cpu")).removeprefix("torch.")
+    defaults = Settings()
+    model = defaults.generator_model
+    precision = str(generator_dtype(defaults.generator_dtype, "cpu")).removeprefix("torch.")
     if args.report_only:
         write_report(read_csv(OUT / "serve_load.csv"), model, precision, args.rounds)
         return

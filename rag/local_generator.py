@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -599,6 +598,10 @@ class _Forward:
     model: Any
     prefix_tokens: int = 0
     prefix_cache: Any = None  # batch size -> a Cache holding the prefix, or None
+    cache_keyword: str = field(init=False)  # looked up once per batch, not per decode step
+
+    def __post_init__(self) -> None:
+        self.cache_keyword = _cache_keyword(_base_of(self.model))
 
     @classmethod
     def for_model(cls, model) -> "_Forward":
@@ -617,7 +620,7 @@ class _Forward:
         mask = None if bool(attention_mask.all()) else attention_mask
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-            use_cache=True, logits_to_keep=1, **{_cache_keyword(type(_base_of(self.model))): cache},
+            use_cache=True, logits_to_keep=1, **{self.cache_keyword: cache},
         )  # fmt: skip
         return out.logits[:, -1, :].float()
 
@@ -628,10 +631,9 @@ def _base_of(model):
     return get_base() if get_base is not None else model
 
 
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
+def _cache_keyword(model) -> str:
     """``cache`` on newer transformers 5.x, ``past_key_values`` before (the old name is going away)."""
-    forward = getattr(model_class, "forward", None)
+    forward = getattr(type(model), "forward", None)
     takes = inspect.signature(forward).parameters if forward is not None else {}
     return "cache" if "cache" in takes else "past_key_values"
 
