@@ -15,6 +15,7 @@ from pydantic_settings import SettingsError
 from rich.console import Console
 
 from memory.knowledge_base import KnowledgeBaseError, validate_name
+from memory.torch_device import run_and_exit
 from settings import Settings
 
 app = typer.Typer(
@@ -102,5 +103,10 @@ def serve(
     uvicorn.run(create_app(settings, default_kb=kb or settings.default_kb), host=settings.host, port=settings.port, log_level=log_level)
 
 
+def main() -> None:
+    """The console script: the app, without interpreter teardown once torch is loaded."""
+    run_and_exit(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -169,7 +169,11 @@ def main() -> None:
     parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(CHILDREN[args.child](args.files, args.home)))
+        print(json.dumps(CHILDREN[args.child](args.files, args.home)), flush=True)
+        if args.child == "zhiku":  # it ends as the `ingest` command does
+            from memory.torch_device import run_and_exit
+
+            run_and_exit(lambda: None)
         return
 
     from settings import Settings

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from memory.torch_device import run_and_exit
 from settings import Settings
 
 app = typer.Typer(
@@ -309,5 +310,10 @@ def eval_(
     Console().print(table)
 
 
+def main() -> None:
+    """The console script: the app, without interpreter teardown once torch is loaded."""
+    run_and_exit(app)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -26,6 +26,7 @@ from memory.embedding import EmbeddingModelNotFound, load_embedder
 from memory.ingestion import IngestReport, Progress, add_paths, check_compatible, rebuild, remove_paths
 from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBases, validate_name
 from memory.search import search as search_kb
+from memory.torch_device import run_and_exit
 from settings import Settings
 
 app = typer.Typer(
@@ -286,5 +287,10 @@ def search(
         console.print()
 
 
+def main() -> None:
+    """The console script: the app, without interpreter teardown once torch is loaded."""
+    run_and_exit(app)
+
+
 if __name__ == "__main__":  # python -m memory.cli
-    app()
+    main()

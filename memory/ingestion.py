@@ -435,7 +435,9 @@ def rebuild(kbs: KnowledgeBases, name: str, embedder, progress: Progress | None 
             source.close()
             target.close()
         # Build and save the FAISS file before the switch, so readers never start from nothing.
-        kbs.instance(new, writable=True).close()
+        built = kbs.instance(new, writable=True)
+        built.refresh()
+        built.close()
         kbs.replace_store(name, new)
     return new
 

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -43,7 +44,9 @@ from filelock import FileLock, Timeout
 from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord, NewChunk
 from memory.files import fsync_dir, write_atomically
 from memory.lexical_index import LexicalIndex, LexicalIndexError, tokenize
-from memory.vector_index import VectorIndex, VectorIndexError, reconcile
+
+if TYPE_CHECKING:
+    from memory.vector_index import VectorIndex
 
 MANIFEST = "manifest.json"
 STORE_DB = "chunks.sqlite"
@@ -126,12 +129,11 @@ class KnowledgeBase:
         self._exact_max = exact_max
         self._nprobe = nprobe
         self.store = ChunkStore(self.store_dir / STORE_DB, create=writable)
-        self.index = VectorIndex.create(manifest.dimension)
+        self._index: VectorIndex | None = None  # loaded on first use, see ``index``
         self.generation = -1
         self._lexical: LexicalIndex | None = None
         self._lexical_generation = -1
         self._index_saved_at = time.monotonic()
-        self.refresh()
 
     @property
     def name(self) -> str:
@@ -149,21 +151,36 @@ class KnowledgeBase:
         self.store.close()
 
     # ---- keeping the index in step with the store ---------------------
+    @property
+    def index(self) -> VectorIndex:
+        """The FAISS index, in step with the store as of the last :meth:`refresh`.
+
+        Loaded on first use: an ``ingest add`` that finds every file unchanged never
+        reads it (nor imports faiss), which keeps such a run at a fraction of a second.
+        """
+        if self._index is None:
+            self.refresh()
+        return self._index
+
     def refresh(self) -> bool:
         """Bring the in-memory index up to the store's latest commit; True when it changed."""
+        from memory.vector_index import reconcile
+
         with self.store.snapshot():
             generation = self.store.generation()
-            if generation == self.generation:
+            if self._index is not None and generation == self.generation:
                 return False
             saved_generation, index = self._newest_saved_index(generation)
             if saved_generation != generation:
                 reconcile(index, self.store.chunk_ids(), self._vectors_of)
-            self.index = index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
+            self._index = index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
             self.generation = generation
         return True
 
     def _newest_saved_index(self, at_most: int) -> tuple[int, VectorIndex]:
         """The newest readable FAISS file no newer than the store, else an empty index."""
+        from memory.vector_index import VectorIndex, VectorIndexError
+
         for generation, path in sorted(self._index_files(), reverse=True):
             if generation > at_most:
                 continue
@@ -189,7 +206,7 @@ class KnowledgeBase:
 
     def save_index(self) -> None:
         """Save the index under its generation and drop older files (writers only)."""
-        if not self.writable:
+        if not self.writable or self._index is None:  # never loaded: nothing changed it
             return
         current = self.store_dir / f"vectors.{self.generation}.faiss"
         if not current.exists():
@@ -251,6 +268,8 @@ class KnowledgeBase:
     def put_documents(self, updates: list["DocumentUpdate"]) -> None:
         """Commit several documents (rows, chunks and vectors) in one transaction, then index them."""
         self._require_writable()
+        if self._index is None:  # load before the write: reconciling after it would add the new rows twice
+            self.refresh()
         removed: list[int] = []
         added: list[int] = []
         added_vectors: list[np.ndarray] = []
@@ -272,6 +291,8 @@ class KnowledgeBase:
     def delete_documents(self, paths: list[str]) -> int:
         """Delete documents by stored path; returns how many existed."""
         self._require_writable()
+        if self._index is None:  # load before the write, as in put_documents
+            self.refresh()
         removed: list[int] = []
         existed = 0
         with self.store.write():
@@ -288,7 +309,7 @@ class KnowledgeBase:
         if added:
             self.index.add(np.asarray(added, dtype=np.int64), np.vstack(vectors).astype(np.float32))
         self.generation = self.store.generation()
-        self.index = self.index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
+        self._index = self.index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
         if time.monotonic() - self._index_saved_at > INDEX_SAVE_INTERVAL_S:
             self.save_index()
 

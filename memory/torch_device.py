@@ -7,6 +7,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 
 
 def resolve_device(device: str) -> str:
@@ -27,3 +30,30 @@ def cpu_has_fast_bf16() -> bool:
 
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def run_and_exit(app) -> None:
+    """Run a command-line ``app`` (Typer or Click) and exit with its code.
+
+    Once torch is loaded, tearing down the interpreter's ~3,900 modules takes
+    about 2 s (docs/BENCHMARKS.md, "Ingest: zhiku vs LangChain reference"). By
+    the time the app returns, its files are closed and committed, so the output
+    streams are flushed and the process ends without that teardown.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code or 0)

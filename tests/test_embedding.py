@@ -220,6 +220,22 @@ def test_reduced_precision_agrees_with_float32(embedder_fp32):
     texts = ["如何申请退款？", "退款申请的办理流程是怎样的", "The weather in Beijing is sunny today."]
     cosines = (bf16.embed_passages(texts) * embedder_fp32.embed_passages(texts)).sum(axis=1)
     assert cosines.min() > 0.995, cosines
+    if bf16.device == "cpu" and torch.backends.mkldnn.is_available():  # its linears run on packed weights
+        assert any(type(m).__name__ == "PackedLinear" for m in bf16.encoder.model.modules())
+        assert not any(type(m) is torch.nn.Linear for m in bf16.encoder.model.modules())
+
+
+def test_the_tokenizer_config_lists_the_added_tokens(bundled):
+    import json
+
+    from transformers import AutoTokenizer
+
+    config = json.loads((bundled / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = json.loads((bundled / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()} == {t["id"]: t["content"] for t in added}
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled))
+    assert tokenizer("退款 <mask>")["input_ids"][-2:] == [tokenizer.mask_token_id, tokenizer.eos_token_id]
+    assert (tokenizer.pad_token, tokenizer.cls_token, tokenizer.sep_token) == ("<pad>", "<s>", "</s>")
 
 
 # --------------------------------------------------------------------------
@@ -283,6 +299,29 @@ def test_duplicates_are_embedded_once(embedder, monkeypatch):
     assert np.array_equal(out[0], out[2]) and np.array_equal(out[0], out[5])
     assert np.array_equal(out[1], out[4])
     assert not np.allclose(out[0], out[1])
+
+
+def test_batches_are_ordered_by_tokens_and_vectors_come_back_in_input_order(embedder, monkeypatch):
+    # Latin text has far fewer tokens per character than Chinese: ordered by characters,
+    # these six would share batches with texts of very different token counts.
+    texts = [("refund " * n).strip() for n in (45, 35, 25)] + ["的一是了我不人在他有这个上们来到时大地为子中你说生国" * n for n in (2, 4, 6)]
+    model = embedder.encoder.model
+    handed: list[str] = []
+    original = model.encode
+
+    def recording_encode(inputs, *args, **kwargs):
+        handed.extend(inputs)
+        return original(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", recording_encode)
+    together = embedder.embed_passages(texts)
+    tokens = list(embedder.encoder.token_lengths([embedder.passage_prompt + t for t in handed]))
+    assert tokens == sorted(tokens, reverse=True)
+    assert [len(t) for t in handed] != sorted((len(t) for t in handed), reverse=True)  # not the character order
+    one_by_one = np.vstack([embedder.embed_passages([t]) for t in texts])
+    similarity = together @ one_by_one.T
+    assert (similarity.argmax(axis=1) == np.arange(len(texts))).all()
+    assert similarity.diagonal().min() > 0.99
 
 
 # --------------------------------------------------------------------------

@@ -80,3 +80,19 @@ def test_usage_errors_exit_2_with_a_clear_message(cli, tmp_path):
     assert missing_path.returncode == 2
     bad_overlap = cli("add", str(tmp_path), "--chunk-size", "100", "--chunk-overlap", "200")
     assert bad_overlap.returncode == 2 and "chunk_overlap" in bad_overlap.stderr and "Traceback" not in bad_overlap.stderr
+
+
+@pytest.mark.parametrize(
+    "ending, code, stderr",
+    [("raise SystemExit(3)", 3, ""), ("raise SystemExit('bad input')", 1, "bad input"), ("pass", 0, "")],
+)
+def test_commands_that_loaded_torch_exit_with_their_code_and_all_their_output(ending, code, stderr):
+    # memory.torch_device.run_and_exit skips interpreter teardown once torch is loaded
+    script = (
+        "import torch\nfrom memory.torch_device import run_and_exit\n"
+        f"def app():\n    print('字' * 200_000)\n    {ending}\nrun_and_exit(app)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert done.returncode == code
+    assert done.stdout == "字" * 200_000 + "\n"
+    assert stderr in done.stderr

@@ -212,6 +212,26 @@ def test_stale_or_missing_index_is_reconciled_on_open(kbs, docs, embedder):
         kb.close()
 
 
+def test_an_unchanged_reingest_never_loads_the_index_and_a_change_keeps_it_exact(kbs, docs, embedder, monkeypatch):
+    from memory.vector_index import VectorIndex
+
+    ingest(kbs, [docs], embedder)
+    loaded: list[str] = []
+    original = VectorIndex.load.__func__
+    monkeypatch.setattr(VectorIndex, "load", classmethod(lambda cls, path: loaded.append(path) or original(cls, path)))
+    report = ingest(kbs, [docs], embedder)
+    assert report.count("unchanged") == 3 and loaded == []
+    (docs / "weather.md").write_text(WEATHER.replace("二十五", "三十"), encoding="utf-8")
+    report = ingest(kbs, [docs], embedder)
+    assert report.count("ingested") == 1 and loaded  # the index was loaded before the write
+    kb = kbs.open("default")
+    try:
+        assert kb.check_consistency() == []
+        assert len(kb.index) == kb.store.chunk_count()
+    finally:
+        kb.close()
+
+
 def test_rebuild_switches_embedder_atomically(kbs, docs, embedder, settings, tmp_path):
     from memory.embedding import load_embedder, resolve_embedding_model
 
@@ -223,6 +243,7 @@ def test_rebuild_switches_embedder_atomically(kbs, docs, embedder, settings, tmp
     after = rebuild(kbs, "default", other)
     assert after.embedding_model == str(copy) and after.store != before.store
     assert not (kbs.root / "default" / before.store).exists()
+    assert list((kbs.root / "default" / after.store).glob("vectors.*.faiss"))  # saved before the switch
     kb = kbs.open("default")
     try:
         assert kb.check_consistency() == []
