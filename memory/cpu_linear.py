@@ -2,11 +2,10 @@
 
 ``nn.Linear`` hands oneDNN a row-major weight, which oneDNN re-blocks for its
 bf16 kernels on every call. Packing each weight once, as torch.compile's
-freezing pass does, skips that work: the embedder's linears ran 7-23% faster
-on an AMD EPYC, with bit-identical outputs (docs/BENCHMARKS.md, "Embedding
-backends"). The ops are torch's own (``torch.ops.mkldnn``, the ones inductor
-emits); where they are missing or disagree with ``nn.Linear``, nothing is
-changed::
+freezing pass does, skips that work, with bit-identical outputs
+(docs/BENCHMARKS.md, "Embedding: batch order and packed weights"). The ops are
+torch's own (``torch.ops.mkldnn``, the ones inductor emits); where they are
+missing or disagree with ``nn.Linear``, nothing is changed::
 
     >>> pack_linear_layers(model)        # doctest: +SKIP
     84

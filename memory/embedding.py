@@ -279,9 +279,10 @@ class Embedder:
         if not unique:  # nothing to embed: the model is not loaded
             return vectors
         covers = np.bincount(inverse, minlength=len(unique))  # inputs each unique text stands for
-        # Longest first, by tokens: batches of similar length waste the least padding.
-        # Character counts order Chinese and Latin text differently from the tokenizer;
-        # token order made the same texts 18% faster (docs/BENCHMARKS.md, "Embedding backends").
+        # Longest first, by tokens: batches of similar length waste the least padding. Latin
+        # text has far fewer tokens per character than Chinese, so character order (what
+        # sentence-transformers does) mixes lengths (docs/BENCHMARKS.md, "Embedding: batch
+        # order and packed weights").
         lengths = self.encoder.token_lengths([prompt + t for t in unique])
         order = np.argsort(-lengths, kind="stable")
         step = self.batch_size * _BATCHES_PER_CALL

@@ -130,7 +130,7 @@ class KnowledgeBase:
         self._nprobe = nprobe
         self.store = ChunkStore(self.store_dir / STORE_DB, create=writable)
         self._index: VectorIndex | None = None  # loaded on first use, see ``index``
-        self.generation = -1
+        self._index_generation = -1  # the store generation the loaded index reflects
         self._lexical: LexicalIndex | None = None
         self._lexical_generation = -1
         self._index_saved_at = time.monotonic()
@@ -168,13 +168,13 @@ class KnowledgeBase:
 
         with self.store.snapshot():
             generation = self.store.generation()
-            if self._index is not None and generation == self.generation:
+            if self._index is not None and generation == self._index_generation:
                 return False
             saved_generation, index = self._newest_saved_index(generation)
             if saved_generation != generation:
                 reconcile(index, self.store.chunk_ids(), self._vectors_of)
             self._index = index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
-            self.generation = generation
+            self._index_generation = generation
         return True
 
     def _newest_saved_index(self, at_most: int) -> tuple[int, VectorIndex]:
@@ -208,11 +208,11 @@ class KnowledgeBase:
         """Save the index under its generation and drop older files (writers only)."""
         if not self.writable or self._index is None:  # never loaded: nothing changed it
             return
-        current = self.store_dir / f"vectors.{self.generation}.faiss"
+        current = self.store_dir / f"vectors.{self._index_generation}.faiss"
         if not current.exists():
             self.index.save(current)
         for generation, path in self._index_files():
-            if generation < self.generation:
+            if generation < self._index_generation:
                 path.unlink(missing_ok=True)
         self._index_saved_at = time.monotonic()
 
@@ -308,7 +308,7 @@ class KnowledgeBase:
             self.index.remove(np.asarray(removed, dtype=np.int64))
         if added:
             self.index.add(np.asarray(added, dtype=np.int64), np.vstack(vectors).astype(np.float32))
-        self.generation = self.store.generation()
+        self._index_generation = self.store.generation()
         self._index = self.index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
         if time.monotonic() - self._index_saved_at > INDEX_SAVE_INTERVAL_S:
             self.save_index()

@@ -281,16 +281,22 @@ def test_prompts_come_from_the_model_folder(tmp_path):
     assert model_prompts(tmp_path / "missing", "intfloat/multilingual-e5-small") == ("query: ", "passage: ")
 
 
-def test_duplicates_are_embedded_once(embedder, monkeypatch):
+def record_model_inputs(embedder, monkeypatch) -> list[str]:
+    """The texts the embedder hands its sentence-transformers model, in order, as it embeds them."""
     model = embedder.encoder.model
-    seen: list[str] = []
+    handed: list[str] = []
     original = model.encode
 
-    def counting_encode(inputs, *args, **kwargs):
-        seen.extend(inputs)
+    def recording_encode(inputs, *args, **kwargs):
+        handed.extend(inputs)
         return original(inputs, *args, **kwargs)
 
-    monkeypatch.setattr(model, "encode", counting_encode)
+    monkeypatch.setattr(model, "encode", recording_encode)
+    return handed
+
+
+def test_duplicates_are_embedded_once(embedder, monkeypatch):
+    seen = record_model_inputs(embedder, monkeypatch)
     texts = ["甲", "乙", "甲", "丙", "乙", "甲"]
     progress: list[int] = []
     out = embedder.embed_passages(texts, progress=progress.append)
@@ -305,15 +311,7 @@ def test_batches_are_ordered_by_tokens_and_vectors_come_back_in_input_order(embe
     # Latin text has far fewer tokens per character than Chinese: ordered by characters,
     # these six would share batches with texts of very different token counts.
     texts = [("refund " * n).strip() for n in (45, 35, 25)] + ["的一是了我不人在他有这个上们来到时大地为子中你说生国" * n for n in (2, 4, 6)]
-    model = embedder.encoder.model
-    handed: list[str] = []
-    original = model.encode
-
-    def recording_encode(inputs, *args, **kwargs):
-        handed.extend(inputs)
-        return original(inputs, *args, **kwargs)
-
-    monkeypatch.setattr(model, "encode", recording_encode)
+    handed = record_model_inputs(embedder, monkeypatch)
     together = embedder.embed_passages(texts)
     tokens = list(embedder.encoder.token_lengths([embedder.passage_prompt + t for t in handed]))
     assert tokens == sorted(tokens, reverse=True)
