@@ -438,7 +438,7 @@ class _TorchEncoder:
             )
             for start in range(0, len(texts), batch_size)
         ]
-        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dimension), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)  # the Embedder never asks for no texts
 
     def token_lengths(self, texts: list[str]) -> np.ndarray:
         tokenizer = getattr(self.model, "tokenizer", None)
