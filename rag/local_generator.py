@@ -241,10 +241,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def _served_model_id(name: str) -> str:
     """What /v1/models lists: the bundled model's short name, a folder's name, or the hub id."""
-    if name == BUNDLED_GENERATOR_MODEL:
-        return BUNDLED_FOLDER_NAME
-    path = Path(name).expanduser()
-    return path.name if path.exists() else name
+    from rag.bundled_generator import served_model_id
+
+    return served_model_id(name)
 
 
 def _validate(params: SamplingParams) -> None:

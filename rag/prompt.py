@@ -24,16 +24,17 @@ from typing import Callable, Protocol, Sequence
 
 from rag.generation import ContextOverflow, Message
 
-# wenda's instruction, extended with citation and "say so" — the default.
+# wenda's opening, then: answer only from the passages, cite them by number (an example
+# "[1]": with a bare "[n]" the bundled Qwen copies the letter), and say so rather than invent.
 DEFAULT_TEMPLATE_ZH = (
-    "学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。"
-    "回答时用 [n] 标注所依据的文段编号；如果文段中没有答案，请明确说明文段中没有相关内容。\n\n"
+    "学习以下文段, 用中文回答用户问题。只根据文段内容回答，并在所依据的内容后用文段编号标注出处，例如 [1]。"
+    "如果文段中没有答案，请直接说明文段中没有相关内容，不要编造。\n\n"
     "{passages}"
 )
 DEFAULT_TEMPLATE_EN = (
-    "Learn the following passages and answer the user's question in the user's language. "
-    "Cite the passages you use as [n]. If the passages do not contain the answer, say so, "
-    "then answer from your own knowledge.\n\n"
+    "Learn the following passages and answer the user's question in the user's language, "
+    "from the passages only. Cite the passage each fact comes from by its number, e.g. [1]. "
+    "If the passages do not contain the answer, say that the documents do not contain it; do not make one up.\n\n"
     "{passages}"
 )
 NO_CONTEXT_NOTICE_ZH = "（知识库中没有找到相关文段，以下回答未参考知识库。）\n\n"

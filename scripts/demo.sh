@@ -6,15 +6,18 @@
 #
 #   ZHIKU_PORT        port (default 8000)
 #   ZHIKU_DEMO_ONCE=1 ask the sample questions, then stop the server and exit
+#   ZHIKU_DEMO_MODEL  generator (default: the bundled Chinese-capable Qwen2.5-Coder-1.5B;
+#                     bundled:smollm2-135m is the small English-only one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 BIN="${ZHIKU_VENV:-.venv}/bin"
 PORT="${ZHIKU_PORT:-8000}"
+MODEL="${ZHIKU_DEMO_MODEL:-bundled:qwen2.5-coder-1.5b-instruct}"
 "$BIN/ingest" add docs --kb zhiku-docs
 "$BIN/ingest" list --kb zhiku-docs
 
-"$BIN/rag" serve --kb zhiku-docs --port "$PORT" &
+"$BIN/rag" serve --kb zhiku-docs --port "$PORT" --model "$MODEL" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 "$BIN/python" - "$PORT" <<'PY'
@@ -37,14 +40,12 @@ print(f"\nserving {model} on {base}/v1 (knowledge base zhiku-docs)")
 for question in ["How do I start the server and which port does it use?",
                  "What happens if ingest is killed halfway?",
                  "怎么给知识库换向量模型？"]:
-    # two passages and a frequency penalty: a 135M model loses the thread in long prompts and repeats itself
+    started = time.perf_counter()
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=120, frequency_penalty=0.5,
-                                           extra_body={"top_k": 2})
-    print(f"\n=== {question}\n{reply.choices[0].message.content.strip()}")
+                                           temperature=0, max_tokens=200, extra_body={"top_k": 3})
+    print(f"\n=== {question}  ({time.perf_counter() - started:.1f} s)\n{reply.choices[0].message.content.strip()}")
     for source in reply.model_dump()["sources"]:
         print(f"  [{source['index']}] {source['source']} (score {source['score']:.3f})")
-print("\nThe bundled SmolLM2-135M answers in English only; see README for a Chinese model.")
 PY
 if [ "${ZHIKU_DEMO_ONCE:-0}" = "1" ]; then
     exit 0
@@ -52,6 +53,6 @@ fi
 echo
 echo "Serving on http://127.0.0.1:$PORT/v1 — try:"
 echo "  curl http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\"
-echo "       -d '{\"model\": \"smollm2-135m-instruct@zhiku-docs\", \"messages\": [{\"role\": \"user\", \"content\": \"How do I ingest PDFs?\"}]}'"
+echo "       -d '{\"model\": \"qwen2.5-coder-1.5b-instruct@zhiku-docs\", \"messages\": [{\"role\": \"user\", \"content\": \"How do I ingest PDFs?\"}]}'"
 echo "Ctrl-C stops it."
 wait $SERVER

@@ -35,7 +35,7 @@ PASSAGES = [P("购买后七天内可以申请退款。", "/docs/shop.pdf", (3,))
 
 def test_system_message_numbers_passages_with_sources_under_wenda_template():
     text = render_system_message(PASSAGES, "zh")
-    assert text.startswith("学习以下文段, 用中文回答用户问题。如果无法从中得到答案，忽略文段内容并用中文回答用户问题。")
+    assert text.startswith("学习以下文段, 用中文回答用户问题。只根据文段内容回答")
     assert "[1] (来源: shop.pdf, 第 3 页)\n购买后七天内可以申请退款。" in text
     assert "[2] (来源: gpu.md)\nnvidia-smi 查看显存。" in text
 
