@@ -29,7 +29,8 @@ from bench.insuranceqa import load
 from bench.report import markdown_table, write_section
 from memory.torch_device import cpu_has_fast_bf16
 from rag.generation import Finished, SamplingParams
-from rag.local_generator import LocalGenerator, render_chat
+from rag.chat_template import encode_chat
+from rag.local_generator import LocalGenerator
 from rag.prompt import render_system_message
 from settings import Settings
 
@@ -54,11 +55,11 @@ def rag_messages(passages: list[str], question: str) -> list[dict]:
 @torch.inference_mode()
 def answer_nll(generator: LocalGenerator, samples, with_passage: bool = True) -> float:
     """Mean negative log-likelihood per gold-answer token after each prompt (or after the question alone)."""
-    model, tokenizer = generator._models.base, generator.tokenizer
+    model, tokenizer = generator.models.base, generator.tokenizer
     total, count = 0.0, 0
     for messages, answer in samples:
         messages = messages if with_passage else messages[1:]
-        prompt = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        prompt = encode_chat(tokenizer, messages)
         target = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt + target], device=generator.device)
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()

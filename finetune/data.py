@@ -17,7 +17,7 @@ record is a :class:`DataError` naming ``file:line: field``; the caller decides
 whether it stops the run or is skipped and counted (:func:`load_samples`).
 
 Samples are rendered with the base model's chat template through
-:func:`rag.local_generator.render_chat` — the function the server renders its
+:func:`rag.chat_template.render_chat` — the function the server renders its
 prompts with — and only assistant tokens are trained (everything else is -100):
 for each assistant turn the conversation up to it is rendered with the
 generation prompt, then including it; the difference is that turn's text.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from rag.local_generator import encode_text, render_chat
+from rag.chat_template import encode_text, render_chat
 
 IGNORE_INDEX = -100
 Message = dict

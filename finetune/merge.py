@@ -37,7 +37,7 @@ class MergeResult:
 def merge(base: Path, adapter: Path, out: Path, tolerance: float = 1e-3) -> MergeResult:
     from peft import PeftModel
 
-    from rag.local_generator import encode_text, render_chat
+    from rag.chat_template import encode_chat
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     kind = adapter_kind(adapter)
@@ -54,7 +54,7 @@ def merge(base: Path, adapter: Path, out: Path, tolerance: float = 1e-3) -> Merg
 
     tokenizer = load_tokenizer(base)
     model = PeftModel.from_pretrained(load_base(base, torch.float32), str(adapter), is_trainable=False).eval()
-    ids = [encode_text(tokenizer, render_chat(tokenizer, m)) for m in PROBE]
+    ids = [encode_chat(tokenizer, m) for m in PROBE]
     batch, mask = _padded(ids, tokenizer.pad_token_id)
     with torch.inference_mode():
         expected = model(input_ids=batch, attention_mask=mask).logits

@@ -43,10 +43,10 @@ def is_quantised(base: Path) -> bool:
 def load_tokenizer(base: Path):
     """The server's tokenizer loader, then right padding for training."""
     from rag.generation import GenerationError
-    from rag.local_generator import _load_tokenizer
+    from rag.chat_template import load_chat_tokenizer
 
     try:
-        tokenizer = _load_tokenizer(base)
+        tokenizer = load_chat_tokenizer(base)
     except GenerationError as exc:
         raise FinetuneError(str(exc)) from None
     tokenizer.padding_side = "right"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rag.chat_template import context_window, encode_chat, encode_text
 from rag.generation import SamplingParams
 from settings import Settings
 
@@ -51,25 +52,17 @@ class TemplateCounter:
 
     def __init__(self, base: Path):
         from finetune.model import load_tokenizer
-        from rag.local_generator import encode_text, render_chat
 
         self.tokenizer = load_tokenizer(base)
-        self._encode = lambda messages: encode_text(self.tokenizer, render_chat(self.tokenizer, messages))
-        import json as _json
-
-        config = _json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
-        window = config.get("max_position_embeddings") or config.get("seq_length")
-        if not window:
-            length = self.tokenizer.model_max_length
-            window = length if length < 10**7 else 2048
-        self.context_window = int(window)
+        config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        self.context_window = context_window(config, self.tokenizer)
         self.model_id = Path(base).name
 
     def count_prompt_tokens(self, messages: list[dict]) -> int:
-        return len(self._encode(messages))
+        return len(encode_chat(self.tokenizer, messages))
 
     def count_text_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(self.tokenizer, text))
 
 
 class _RetrieveFor:

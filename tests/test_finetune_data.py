@@ -111,11 +111,11 @@ def test_labels_cover_assistant_tokens_only_in_every_turn(tokenizer):
     assert trained == "Hello there<|im_end|>\nMore.<|im_end|>\n"
     assert all(label in (IGNORE_INDEX, t) for t, label in zip(ids, labels))
     # the prompt part of the last turn is exactly what the server sends for the conversation so far
-    from rag.local_generator import encode_text, render_chat  # what LocalGenerator.encode_prompt runs
+    from rag.chat_template import encode_chat  # what LocalGenerator.encode_prompt runs
 
-    prompt_ids = encode_text(tokenizer, render_chat(tokenizer, messages[:-1]))
+    prompt_ids = encode_chat(tokenizer, messages[:-1])
     assert ids[: len(prompt_ids)] == prompt_ids and labels[len(prompt_ids)] != IGNORE_INDEX
-    first_prompt = encode_text(tokenizer, render_chat(tokenizer, messages[:2]))
+    first_prompt = encode_chat(tokenizer, messages[:2])
     assert all(label == IGNORE_INDEX for label in labels[: len(first_prompt)]) and labels[len(first_prompt)] != IGNORE_INDEX
 
 

@@ -39,7 +39,7 @@ def test_bfloat16_generator_serves_the_base_and_both_adapter_kinds_in_one_batch(
 
     gen = LocalGenerator(generator_model_path, dtype="bfloat16", adapters=adapter_dirs, max_batch_size=4, batch_wait_s=0.05)
     try:
-        assert gen._models.base.dtype == torch.bfloat16
+        assert gen.models.base.dtype == torch.bfloat16
         base = asyncio.run(_answer(gen, CAPITAL))
         assert "Paris" in base[0] and base[1].completion_tokens > 0
 

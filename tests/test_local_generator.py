@@ -179,7 +179,7 @@ def test_a_failing_model_reaches_every_request(generator, monkeypatch):
         def __call__(self, **kwargs):
             raise RuntimeError("boom")
 
-    monkeypatch.setattr(generator._models, "activated", lambda adapter: contextlib.nullcontext(Broken()))
+    monkeypatch.setattr(generator.models, "activated", lambda adapter: contextlib.nullcontext(Broken()))
 
     async def two():
         return await asyncio.gather(*[collect(generator, ask(i), GREEDY) for i in range(2)], return_exceptions=True)
@@ -235,15 +235,15 @@ def test_greedy_alone_equals_generate(generator_model_path, adapter_dirs):
     from rag.local_generator import LocalGenerator
 
     gen = LocalGenerator(generator_model_path, dtype="float32", adapters=adapter_dirs, batch_wait_s=0)
-    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=sorted(gen._eos_ids), pad_token_id=gen._pad_id)
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=sorted(gen.eos_ids), pad_token_id=gen.pad_id)
     cases = [(adapter, messages) for adapter in (None, "lora", "ptuning") for messages in (CAPITAL, ESSAY, ask(3))]
     try:
         expected = []  # all references first: the worker is idle, nothing else touches the adapters
         for adapter, messages in cases:
             ids = torch.tensor([gen.encode_prompt(messages)])
-            with torch.inference_mode(), gen._models.activated(adapter) as model:
+            with torch.inference_mode(), gen.models.activated(adapter) as model:
                 if adapter == "ptuning":
-                    tokens = _greedy_without_cache(model, ids, 24, gen._eos_ids)
+                    tokens = _greedy_without_cache(model, ids, 24, gen.eos_ids)
                 else:
                     tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1] :]
             expected.append(gen.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -435,10 +435,10 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds():
     import torch
     from transformers import DynamicCache
 
-    from rag.local_generator import _GrowingCache
+    from rag.local_generator.kv_cache import GrowingCache
 
     torch.manual_seed(0)
-    grown, plain = _GrowingCache(), DynamicCache()
+    grown, plain = GrowingCache(), DynamicCache()
 
     def both(update):
         for cache in (grown, plain):

@@ -1,0 +1,206 @@
+"""The running batch: prefill newcomers, one decode step at a time for every row.
+
+The decode loop is ours (not ``generate()``): one batched KV cache, a 2-D
+attention mask and explicit positions per row, so rows of different lengths
+and ages share each forward pass. With the same positions, masks and kernels,
+a greedy row alone gives exactly what ``generate()`` gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from rag.generation import GenerationError
+from rag.local_generator.forward import Forward
+from rag.local_generator.kv_cache import GrowingCache
+from rag.local_generator.sequence import Row
+
+if TYPE_CHECKING:
+    from rag.local_generator.adapters import AdapterSet
+    from rag.local_generator.scheduler import Request
+
+log = logging.getLogger(__name__)
+
+
+class RunningBatch:
+    """The rows being decoded, their shared KV cache, attention mask and positions.
+
+    Lives on the worker thread. Rows of different lengths share one left-padded
+    cache: ``mask`` (rows x cache length) marks the real columns, ``positions``
+    holds each row's next position, so padding never changes a row's numbers
+    (beyond float noise). Newcomers are prefilled on their own, then their cache
+    is merged in (both sides left-padded to the longer one); finished rows are
+    removed at once and all-padding columns trimmed.
+    """
+
+    def __init__(self, models: AdapterSet, tokenizer, eos_ids: frozenset[int], pad_id: int) -> None:
+        self._models = models
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._pad_id = pad_id
+        self._device = models.input_device
+        self.rows: list[Row] = []
+        self.adapter: str | None = None
+        self._session = contextlib.ExitStack()  # the adapter stays active while the batch runs
+        self._forward: Forward | None = None
+        self._reset_tensors()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _reset_tensors(self) -> None:
+        self._cache = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
+        self._positions = torch.zeros(0, dtype=torch.long, device=self._device)
+        self._last = torch.zeros(0, dtype=torch.long, device=self._device)
+
+    # -- admitting
+
+    @torch.inference_mode()
+    def admit(self, requests: list[Request]) -> list[Row]:
+        """Prefill ``requests`` (same adapter as the batch), join them; returns the rows that already left."""
+        rows = [Row(r, self._tokenizer, self._eos_ids) for r in requests]
+        try:
+            if not self.rows:
+                self._start(requests[0].adapter)
+            logits, cache, mask, positions = self._prefill([r.prompt_ids for r in requests])
+        except Exception as exc:  # only the newcomers are affected; the running rows go on
+            _fail(rows, exc)
+            if not self.rows:
+                self._stop()
+            return rows
+        self._join(rows, cache, mask, positions)
+        return self._advance(rows, logits)
+
+    def _start(self, adapter: str | None) -> None:
+        self.adapter = adapter
+        model = self._session.enter_context(self._models.activated(adapter))
+        self._forward = Forward.for_model(model)
+
+    def _stop(self) -> None:
+        self._session.close()
+        self._session = contextlib.ExitStack()
+        self._forward = None
+        self._reset_tensors()
+
+    def _prefill(self, prompts: list[list[int]]):
+        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        forward = self._forward
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + forward.prefix_tokens
+        cache = GrowingCache()
+        if forward.prefix_cache is not None:
+            cache = GrowingCache.holding(forward.prefix_cache(len(prompts)))
+            prefix_mask = torch.ones((len(prompts), forward.prefix_tokens), dtype=torch.long, device=self._device)
+            mask = torch.cat([prefix_mask, mask], dim=1)  # the prefix is attended to by every token
+        logits = forward(ids, mask, positions, cache)
+        return logits, cache, mask, positions[:, -1] + 1
+
+    def _join(self, rows: list[Row], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        self.rows += rows
+        self._positions = torch.cat([self._positions, positions])
+        self._last = torch.cat([self._last, torch.full((len(rows),), self._pad_id, dtype=torch.long, device=self._device)])
+
+    # -- decoding
+
+    @torch.inference_mode()
+    def step(self, shutting_down: bool) -> list[Row]:
+        """One decode step for every running row; returns the rows that left the batch."""
+        if shutting_down:
+            for row in self.rows:
+                row.done = True  # aclose(): stop now; leaving reports the row as unfinished
+            return self._leave(list(self.rows))
+        # a cancelled row frees its slot before the next forward
+        left = self._leave([row for row in self.rows if row.drop_if_cancelled()])
+        if not self.rows:
+            return left
+        try:
+            logits = self._decode()
+        except Exception as exc:  # the batch's state is unknown now: fail every running row
+            _fail(self.rows, exc)
+            return left + self._leave(list(self.rows))
+        return left + self._advance(self.rows, logits)
+
+    def _decode(self) -> torch.Tensor:
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        logits = self._forward(self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        self._positions = self._positions + 1
+        return logits
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
+        """Choose and accept each of ``rows``' next token, then remove every finished row."""
+        offset = len(self.rows) - len(rows)  # ``rows`` are the last ones of the batch
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            token = row.choose(logits[i])
+            self._last[offset + i] = token
+            row.accept(token)
+        return self._leave([row for row in self.rows if row.done])
+
+    def _leave(self, leaving: list[Row]) -> list[Row]:
+        if not leaving:
+            return []
+        gone = set(map(id, leaving))
+        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        for row in leaving:
+            row.close()  # rows ended without a Finished (shutdown): an error; others: a no-op
+        if not self.rows:
+            self._stop()
+            return leaving
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._positions, self._last = self._mask[index], self._positions[index], self._last[index]
+        self._trim_padding()
+        return leaving
+
+    def _trim_padding(self) -> None:
+        # Columns only the departed rows used are padding for everyone left: drop them.
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    @torch.inference_mode()
+    def fail_all(self, error: GenerationError) -> list[Row]:
+        for row in self.rows:
+            row.fail(error)
+        return self._leave(list(self.rows))
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before ``tensor``'s columns along ``dim`` (the sequence axis) up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _fail(rows: list[Row], exc: Exception) -> None:
+    log.error("generation failed for %d rows", len(rows), exc_info=exc)
+    for row in rows:
+        row.fail(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))

@@ -1,0 +1,70 @@
+"""Loading the base model: its dtype, device placement, bitsandbytes quantisation and EOS tokens.
+
+(The tokenizer is loaded by :func:`rag.chat_template.load_chat_tokenizer`, shared with ``finetune/``.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memory.torch_device import cpu_has_fast_bf16
+from rag.generation import GenerationError
+
+
+def generator_dtype(dtype: str, device: str) -> torch.dtype:
+    """The torch dtype the generator runs in for the ``generator_dtype`` setting on ``device``."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPU: bf16 where the matmuls are native (1.8x faster prefill, same answer likelihood:
+    # docs/BENCHMARKS.md, generator precision); elsewhere CPU half precision is slow
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def load_model(path: str | Path, device: str, dtype: str, quantization: str):
+    """The causal LM in ``path``, in eval mode, on ``device`` (``"cuda"`` alone: spread by accelerate)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": generator_dtype(dtype, device), "local_files_only": True}
+    if device.startswith("cuda"):
+        # one GPU named: everything on it; plain "cuda": let accelerate spread a large model
+        kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
+    if quantization != "none":
+        kwargs["quantization_config"] = _bitsandbytes_config(quantization, device, kwargs["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not device.startswith("cuda"):
+        model.to(device)
+    return model.eval()
+
+
+def _bitsandbytes_config(quantization: str, device: str, compute_dtype: torch.dtype):
+    if not device.startswith("cuda"):
+        raise GenerationError(
+            f"generator_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU use 'none'"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise GenerationError(f"generator_quantization={quantization!r} needs bitsandbytes: pip install 'zhiku[cuda]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """Every token that ends a reply: the generation config's (chat models often list several) and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    if not ids:
+        raise GenerationError("the model defines no end-of-sequence token")
+    return frozenset(ids)
