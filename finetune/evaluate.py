@@ -17,7 +17,7 @@ assistant turn) and the reference (that turn). Metrics, per model:
   reference (normalised: lower case, whitespace and punctuation removed);
 * **says_unknown** — share of samples whose context lacks the answer (records
   with ``"answerable": false``, as ``build-rag-data`` writes them) where the
-  answer says so (:func:`says_unknown`).
+  answer says so (:func:`rag.prompt.says_unknown`).
 """
 
 from __future__ import annotations
@@ -33,21 +33,10 @@ from finetune.data import Sample, load_samples
 from finetune.model import FinetuneError
 from finetune.rag_data import NO_ANSWER_EN, NO_ANSWER_ZH
 from rag.generation import SamplingParams
+from rag.prompt import says_unknown
 from settings import Settings
 
 _TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[a-z0-9]+(?:'[a-z]+)?")
-UNKNOWN_MARKERS = (
-    NO_ANSWER_EN.lower().rstrip("."),
-    NO_ANSWER_ZH.rstrip("。"),
-    "do not contain the answer",
-    "does not contain the answer",
-    "don't contain the answer",
-    "no relevant passage",
-    "not mentioned in the passages",
-    "无法从文段中得到答案",
-    "文段中没有",
-    "没有相关内容",
-)
 
 
 def tokens(text: str) -> list[str]:
@@ -84,11 +73,6 @@ def _normalised(text: str) -> str:
 def contains(answer: str, reference: str) -> bool:
     ref = _normalised(reference)
     return bool(ref) and ref in _normalised(answer)
-
-
-def says_unknown(answer: str, markers: Sequence[str] = UNKNOWN_MARKERS) -> bool:
-    lowered = answer.lower()
-    return any(marker.lower() in lowered for marker in markers)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
+from rag.citations import CitationAdder
 from rag.generation import Finished, GenerationEvent, Generator, Message, SamplingParams, TextDelta
 from rag.prompt import Templates, assemble, language_of, no_context_notice, retrieval_query, split_conversation
 from settings import Settings
@@ -72,6 +73,7 @@ class ChatService:
             context_window=self.generator.context_window,
             max_tokens=turn.params.max_tokens,
             templates=self.templates,
+            passage_tokens=self.settings.passage_tokens,
         )
         notice = ""
         if turn.knowledge_base and not assembled.passages and self.settings.no_context_notice:
@@ -89,8 +91,11 @@ class ChatService:
         )
 
     def stream(self, prepared: PreparedChat, params: SamplingParams, adapter: str | None) -> AsyncIterator[GenerationEvent]:
-        """The generator's events, preceded by the notice when there is one."""
-        return _with_notice(self.generator.stream(prepared.messages, params, adapter), prepared.notice)
+        """The generator's events, preceded by the notice when there is one, with citations added."""
+        events = self.generator.stream(prepared.messages, params, adapter)
+        if self.settings.add_citations and prepared.passages:
+            events = _with_citations(events, CitationAdder([p.text for p in prepared.passages]))
+        return _with_notice(events, prepared.notice)
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -98,6 +103,18 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     if n == 1 or params.seed is None:
         return [params] * n
     return [replace(params, seed=params.seed + i) for i in range(n)]
+
+
+async def _with_citations(events: AsyncIterator[GenerationEvent], adder: CitationAdder) -> AsyncIterator[GenerationEvent]:
+    try:
+        async for event in events:
+            text = adder.feed(event.text) if isinstance(event, TextDelta) else adder.finish()
+            if text:
+                yield TextDelta(text)
+            if not isinstance(event, TextDelta):
+                yield event
+    finally:
+        await events.aclose()
 
 
 async def _with_notice(events: AsyncIterator[GenerationEvent], notice: str) -> AsyncIterator[GenerationEvent]:

@@ -18,7 +18,7 @@ The retrieved passages go into one system message::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import Callable, Protocol, Sequence
 
@@ -37,9 +37,18 @@ DEFAULT_TEMPLATE_EN = (
     "If the passages do not contain the answer, say that the documents do not contain it; do not make one up.\n\n"
     "{passages}"
 )
+# Phrases by which an answer says the passages lack what was asked (the templates ask for
+# that); ``finetune eval`` and ``bench.answers`` score "says it doesn't know" with them.
+UNKNOWN_MARKERS = (
+    "无法从文段中得到答案", "文段中没有", "没有相关", "没有提到", "没有提及", "未提及", "未提到", "没有涉及",
+    "未涉及", "没有找到", "无法回答", "没有包含", "不包含", "没有给出", "没有说明",
+    "do not contain", "does not contain", "don't contain", "doesn't contain", "not mentioned",
+    "no information", "not provided", "cannot answer", "can't answer", "not found in", "no relevant passage",
+)
 NO_CONTEXT_NOTICE_ZH = "（知识库中没有找到相关文段，以下回答未参考知识库。）\n\n"
 NO_CONTEXT_NOTICE_EN = "(No relevant passage was found in the knowledge base; this answer does not draw on it.)\n\n"
 
+_CITATION = re.compile(r"\[(\d{1,3}(?:\s*[,，、]\s*\d{1,3})*)\]")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # words that point back into the conversation: the retrieval query then needs the previous turn
 _REFERRING = re.compile(r"(它|它们|这个|那个|这些|那些|该|其|上述|\b(it|its|this|that|these|those|they|them)\b)", re.I)
@@ -72,6 +81,18 @@ def language_of(text: str) -> str:
     cjk = len(_CJK.findall(text))
     letters = sum(ch.isalpha() for ch in text)
     return "zh" if letters and cjk / letters >= 0.3 else "en"
+
+
+def says_unknown(answer: str, markers: Sequence[str] = UNKNOWN_MARKERS) -> bool:
+    """Whether the answer says the documents do not contain the answer (:data:`UNKNOWN_MARKERS`)."""
+    lowered = answer.lower()
+    return any(marker.lower() in lowered for marker in markers)
+
+
+def cited_numbers(answer: str) -> list[int]:
+    """The passage numbers an answer cites as ``[n]`` (or ``[1][2]``, ``[1, 2]``), in order, once each."""
+    numbers = [int(n) for group in _CITATION.findall(answer) for n in re.findall(r"\d+", group)]
+    return list(dict.fromkeys(numbers))
 
 
 def no_context_notice(language: str) -> str:
@@ -136,12 +157,14 @@ def assemble(
     context_window: int,
     max_tokens: int,
     templates: Templates = Templates(),
+    passage_tokens: int | None = None,
 ) -> AssembledPrompt:
     """Fit system text, passages and history into ``context_window - max_tokens``.
 
     Priority: the question and the client's system text are never cut (a request
-    that cannot fit them is a ContextOverflow); then passages in rank order; then
-    history, newest turns first.
+    that cannot fit them is a ContextOverflow); then passages in rank order, taking
+    at most ``passage_tokens`` tokens together (the best one cut to fit when even it
+    alone does not); then history, newest turns first.
     """
     client_system, history, question = split_conversation(client_messages)
     language = language_of(question["content"])
@@ -155,17 +178,33 @@ def assemble(
     needed = count_tokens(build([], []))
     if needed > budget:
         raise ContextOverflow(needed, max_tokens, context_window)
-    chosen = _pack_passages(passages, lambda ps: count_tokens(build(ps, [])) <= budget)
+    limit = budget if passage_tokens is None else min(budget, needed + passage_tokens)
+    chosen = _pack_passages(passages, lambda ps: count_tokens(build(ps, [])) <= limit)
     kept = _keep_recent_turns(history, lambda ts: count_tokens(build(chosen, ts)) <= budget)
     return AssembledPrompt(build(chosen, kept), chosen, len(history) - len(kept))
 
 
 def _pack_passages(passages: Sequence[PassageLike], fits: Callable[[list], bool]) -> list:
     chosen: list = []
-    for passage in passages:
+    for rank, passage in enumerate(passages):
         if fits(chosen + [passage]):
             chosen.append(passage)
+        elif rank == 0:  # the best passage alone is too long: its head rather than nothing
+            head = _cut_to_fit(passage, lambda p: fits([p]))
+            chosen += [head] if head else []
     return chosen
+
+
+def _cut_to_fit(passage: PassageLike, fits: Callable[[PassageLike], bool]):
+    """The longest head of ``passage`` that fits (binary search on characters), or None."""
+    low, high = 0, len(passage.text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(replace(passage, text=passage.text[:middle])):
+            low = middle
+        else:
+            high = middle - 1
+    return replace(passage, text=passage.text[:low]) if low >= 50 else None
 
 
 def _keep_recent_turns(history: Sequence[Message], fits: Callable[[list], bool]) -> list[Message]:

