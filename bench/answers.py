@@ -31,6 +31,7 @@ import os
 import re
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -50,14 +51,15 @@ _LATIN = re.compile(r"[a-z0-9][a-z0-9_.\-+]*[a-z0-9]|[a-z0-9]")
 _CJK_RUN = re.compile(r"[\u3400-\u9fff]+")
 # Words of the gold answers that carry no content of their own.
 _STOP = {"可以", "需要", "然后", "之后", "如果", "或者", "以及", "其中", "一是", "二是", "分别", "表示", "因为",
-         "the", "a", "an", "of", "to", "and", "or", "is", "are", "be", "on", "in", "for", "that", "each", "it", "its"}
+         "the", "a", "an", "of", "to", "and", "or", "is", "are", "be", "on", "in", "for", "that", "each", "it", "its",
+         "by", "with", "from", "as", "at", "this", "than", "more", "must", "before", "after", "then", "which", "so"}
 
 
 def key_terms(answer: str) -> list[str]:
     """The gold answer's content words: Latin-script words and numbers, and jieba words of ≥ 2 Chinese characters."""
     import jieba
 
-    text = normalise_for_match(answer)
+    text = unicodedata.normalize("NFKC", answer).lower()  # words still apart; matched whitespace-free
     terms = [w for w in _LATIN.findall(text) if w not in _STOP]
     for run in _CJK_RUN.findall(text):
         terms += [w for w in jieba.lcut(run) if len(w) >= 2 and w not in _STOP]
@@ -158,6 +160,18 @@ def served_id(url: str) -> str:
     return next(m["id"] for m in models if "@" not in m["id"] and m.get("parent") is None)
 
 
+def answers_file(label: str) -> Path:
+    return OUT / f"answers-{re.sub(r'[^A-Za-z0-9.@_-]+', '-', label)}.jsonl"
+
+
+def load_answers(label: str, items: list[dict]) -> list[Answer]:
+    """A run's answers as written by :func:`run_generator`, for scoring again without asking again."""
+    by_id = {item["id"]: item for item in items}
+    rows = [json.loads(line) for line in answers_file(label).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Answer(by_id[r["id"]], r["answer"], [{"index": i, "source": s} for i, s in enumerate(r["sources"], 1)], r["seconds"])
+            for r in rows if r["id"] in by_id]
+
+
 def run_generator(label: str, env: dict, port: int, items: list[dict], max_tokens: int, model: str | None = None) -> dict:
     started = time.perf_counter()
     server = start_server(env, port, kb=KB)
@@ -169,8 +183,7 @@ def run_generator(label: str, env: dict, port: int, items: list[dict], max_token
         server.terminate()
         server.wait(timeout=60)
     OUT.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9.@_-]+", "-", label)
-    with (OUT / f"answers-{safe}.jsonl").open("w", encoding="utf-8") as out:
+    with answers_file(label).open("w", encoding="utf-8") as out:
         for a in answers:
             out.write(json.dumps({"id": a.item["id"], "question": a.item["question"], "gold": a.item["answer"],
                                   "gold_source": a.item["source"], "answer": a.response, "recall": round(a.recall, 2),
@@ -192,6 +205,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "zhiku-bench-answers",
                         help="Where the dev knowledge base is built once and kept.")
     parser.add_argument("--no-write", action="store_true", help="Print, do not write docs/BENCHMARKS.md.")
+    parser.add_argument("--rescore", action="store_true", help="Score the answers written by an earlier run; ask nothing.")
     args = parser.parse_args()
     if not (SHARED / "eval" / "dev.jsonl").is_file():
         raise SystemExit("bench.answers needs ../shared/eval/dev.jsonl beside the checkout")
@@ -204,7 +218,7 @@ def main() -> None:
     base_env = {**os.environ, "ZHIKU_HOME": str(args.home), "ZHIKU_MODELS_DIR": models}
 
     rows = []
-    for index, model in enumerate(args.model):
+    for index, model in enumerate(args.model if not args.rescore else []):
         env = {**base_env, "ZHIKU_GENERATOR_MODEL": model}
         rows.append(run_generator(model.removeprefix("bundled:"), env, args.port, items, args.max_tokens))
         if index == 0 and args.adapter:
@@ -212,6 +226,10 @@ def main() -> None:
             env["ZHIKU_GENERATOR_ADAPTERS"] = json.dumps(adapters)
             for name in adapters:
                 rows.append(run_generator(f"{model.removeprefix('bundled:')}+{name}", env, args.port, items, args.max_tokens, model=name))
+    if args.rescore:
+        labels = [m.removeprefix("bundled:") for m in args.model]
+        labels += [f"{labels[0]}+{a.split('=', 1)[0]}" for a in args.adapter]
+        rows = [score(label, load_answers(label, items)) for label in labels]
     table = markdown_table(rows)
     print(table)
     if not args.no_write:

@@ -94,7 +94,8 @@ class ChatService:
         """The generator's events, preceded by the notice when there is one, with citations added."""
         events = self.generator.stream(prepared.messages, params, adapter)
         if self.settings.add_citations and prepared.passages:
-            events = _with_citations(events, CitationAdder([p.text for p in prepared.passages]))
+            question = prepared.messages[-1]["content"]
+            events = _with_citations(events, CitationAdder([p.text for p in prepared.passages], question))
         return _with_notice(events, prepared.notice)
 
 

@@ -4,7 +4,8 @@ The prompt asks for ``[n]`` citations, but small generators mostly answer from t
 passages without writing them (bench.answers: the bundled Qwen cited in English and
 almost never in Chinese). So the service adds the marker where the model did not:
 a sentence gets ``[n]`` when at least ``min_overlap`` of its character bigrams occur
-in passage ``n`` (the best passage when several do). Sentences that already cite,
+in passage ``n`` (the best passage when several do); bigrams of the question do not
+count, so a sentence that only restates the question cites nothing. Sentences that already cite,
 that match no passage, that are too short to judge, or that sit inside a code block
 are left as they are. The marker goes before the sentence's closing punctuation,
 so streaming and non-streaming answers get the same text.
@@ -35,8 +36,9 @@ class CitationAdder:
     '服务器安装了 4 块 A100 显卡 [1]。'
     """
 
-    def __init__(self, passages: Sequence[str], min_overlap: float = 0.5):
+    def __init__(self, passages: Sequence[str], question: str = "", min_overlap: float = 0.5):
         self._passages = [_bigrams(text) for text in passages]
+        self._question = _bigrams(question)
         self._min_overlap = min_overlap
         self._sentence = ""  # the current sentence's text so far (already sent on)
         self._in_code = False
@@ -71,7 +73,7 @@ class CitationAdder:
             self._in_code = not self._in_code
         if self._in_code or "```" in sentence or _HAS_CITATION.search(sentence):
             return ""
-        grams = _bigrams(sentence)
+        grams = _bigrams(sentence) - self._question
         if len(grams) < MIN_BIGRAMS:
             return ""
         overlaps = [len(grams & passage) / len(grams) for passage in self._passages]

@@ -33,3 +33,10 @@ def test_existing_citations_code_and_english_sentences():
         "The alert needs more than 10 degrees for 10 seconds [1]. It needs 10 degrees [1].\n```\nmore than 10 degrees for 10 seconds\n```\n"
     )
     assert CitationAdder([]).feed("anything.") == "anything."
+
+
+def test_a_sentence_that_only_restates_the_question_cites_nothing():
+    question = "服务器上安装了几块 NVIDIA A100 显卡？"
+    adder = CitationAdder(PASSAGES, question)
+    assert adder.feed("服务器上安装了几块 NVIDIA A100 显卡的问题如下：\n") == "服务器上安装了几块 NVIDIA A100 显卡的问题如下：\n"
+    assert adder.feed("一共 4 块，每块 80GB 显存。") == "一共 4 块，每块 80GB 显存 [2]。"
