@@ -49,6 +49,7 @@ NO_CONTEXT_NOTICE_ZH = "（知识库中没有找到相关文段，以下回答�
 NO_CONTEXT_NOTICE_EN = "(No relevant passage was found in the knowledge base; this answer does not draw on it.)\n\n"
 
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*[,，、]\s*\d{1,3})*)\]")
+_CODE = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.S)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # words that point back into the conversation: the retrieval query then needs the previous turn
 _REFERRING = re.compile(r"(它|它们|这个|那个|这些|那些|该|其|上述|\b(it|its|this|that|these|those|they|them)\b)", re.I)
@@ -77,7 +78,13 @@ class Templates:
 
 
 def language_of(text: str) -> str:
-    """'zh' when the text is mostly Chinese, else 'en' (the templates' two languages)."""
+    """'zh' when the text is mostly Chinese, else 'en' (the templates' two languages).
+
+    Code (```blocks``` and `spans`) has no language: a Chinese question about an error
+    message, or a Chinese answer quoting a path, is Chinese.
+    """
+    prose = _CODE.sub(" ", text)
+    text = prose if prose.strip() else text
     cjk = len(_CJK.findall(text))
     letters = sum(ch.isalpha() for ch in text)
     return "zh" if letters and cjk / letters >= 0.3 else "en"

@@ -43,6 +43,8 @@ def test_system_message_numbers_passages_with_sources_under_wenda_template():
 def test_english_question_gets_the_english_template():
     assert language_of("How do I get a refund?") == "en"
     assert language_of("如何申请退款？") == "zh"
+    assert language_of("运行 `pip install -e .[dev]` 报错 `ModuleNotFoundError: No module named torch` 怎么办？") == "zh"
+    assert language_of("```python\nimport torch\nprint(torch.cuda.is_available())\n```") == "en"  # code only: as written
     assert "[1] (source: shop.pdf, page 3)" in render_system_message(PASSAGES, "en")
 
 
