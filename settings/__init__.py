@@ -155,7 +155,9 @@ class Settings(BaseSettings):
         "(AMX, AVX512-BF16: ~1.8x faster prefill, same answer likelihood), else float32.",
     )
     generator_quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="bitsandbytes quantisation of the base model (CUDA only)."
+        "none",
+        description="Quantisation of the base model. CUDA: bitsandbytes 8-bit or 4-bit (NF4). CPU: '8bit' is int8 "
+        "weight-only (per-channel scales, torch's kernel): faster decoding, see bench.cpu_generation.",
     )
     generator_max_batch_size: int = Field(8, ge=1, description="Requests decoded together in one batch.")
     generator_queue_size: int = Field(64, ge=1, description="Waiting requests before 429 Too Many Requests.")

@@ -24,6 +24,7 @@ from rag.generation import (
     TextDelta,
     UnknownAdapter,
 )
+from rag.local_generator.cpu_int8 import quantise_linear_layers
 from rag.local_generator.adapters import AdapterSet
 from rag.local_generator.batch import RunningBatch
 from rag.local_generator.loading import eos_ids, load_model
@@ -62,6 +63,8 @@ class LocalGenerator:
         self.tokenizer = load_chat_tokenizer(model_path)
         base = load_model(model_path, self.device, dtype, quantization)
         self.models = AdapterSet(base, adapters or {})
+        if quantization == "8bit" and not self.device.startswith("cuda"):
+            quantise_linear_layers(base)
         self.adapters = self.models.names
         self.context_window = context_window(base.config, self.tokenizer)
         self.eos_ids = eos_ids(base, self.tokenizer)

@@ -33,7 +33,8 @@ def load_model(path: str | Path, device: str, dtype: str, quantization: str):
     if device.startswith("cuda"):
         # one GPU named: everything on it; plain "cuda": let accelerate spread a large model
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
-    if quantization != "none":
+    if quantization != "none" and not (quantization == "8bit" and not device.startswith("cuda")):
+        # on the CPU, 8bit is int8 weight-only (cpu_int8), applied once the adapters are in place
         kwargs["quantization_config"] = _bitsandbytes_config(quantization, device, kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not device.startswith("cuda"):
@@ -44,7 +45,7 @@ def load_model(path: str | Path, device: str, dtype: str, quantization: str):
 def _bitsandbytes_config(quantization: str, device: str, compute_dtype: torch.dtype):
     if not device.startswith("cuda"):
         raise GenerationError(
-            f"generator_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU use 'none'"
+            f"generator_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU use 'none' or '8bit'"
         )
     try:
         import bitsandbytes  # noqa: F401
