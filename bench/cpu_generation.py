@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from bench.report import markdown_table, write_section
+from bench.serve_load import start_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -191,22 +192,6 @@ def stream_chat(url: str, model: str, messages: list[dict], new_tokens: int, exa
     return {"ttft": first or 0.0, "total": time.perf_counter() - t0, "tokens": tokens, "prompt_tokens": prompt}
 
 
-def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready", timeout: float = 600) -> float:
-    import httpx
-
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited during start-up")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} was not ready after {timeout} s")
-
-
 def peak_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -233,15 +218,15 @@ def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
                   "load_s": ready_s, "dtype": weights, "peak_rss_kb": peak_rss_kb(process.pid)}
         return summary(name, result)
 
-    def serve(extra: list[str]) -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
-        return subprocess.Popen(command, env=env, cwd=REPO), f"http://127.0.0.1:{port}"
+    def serve(extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, float]:
+        port, started = free_port(), time.perf_counter()
+        process = start_server(env, port, kb=None, extra=extra)
+        return process, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     rows = []
-    process, url = serve([])
+    process, url, ready_s = serve()
     try:
-        rows.append(measure("rag serve (local generator)", url, "qwen2.5-coder-1.5b-instruct", process, wait_ready(url, process), "bf16", exact=True))
+        rows.append(measure("rag serve (local generator)", url, "qwen2.5-coder-1.5b-instruct", process, ready_s, "bf16", exact=True))
     finally:
         process.terminate(); process.wait(60)
     port = free_port()
@@ -252,9 +237,9 @@ def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
     try:
         llama_ready = wait_ready(llama_url, llama, "/v1/models")
         rows.append(measure("llama.cpp server (direct)", llama_url, "qwen-gguf", llama, llama_ready, "Q4_K_M"))
-        process, url = serve(["--upstream", f"{llama_url}/v1"])
+        process, url, ready_s = serve(("--upstream", f"{llama_url}/v1"))
         try:
-            rows.append(measure("rag serve --upstream llama.cpp server", url, "qwen-gguf", process, wait_ready(url, process), "Q4_K_M"))
+            rows.append(measure("rag serve --upstream llama.cpp server", url, "qwen-gguf", process, ready_s, "Q4_K_M"))
         finally:
             process.terminate(); process.wait(60)
     finally:

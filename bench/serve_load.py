@@ -150,22 +150,28 @@ def prepare_home(home: Path, settings: Settings) -> None:
     add_paths(kbs, "bench-docs", [REPO / "docs" / "en"], load_embedder(settings), chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
 
 
-def start_server(env: dict, port: int, kb: str = "bench-docs") -> subprocess.Popen:
+def start_server(env: dict, port: int, kb: str | None = "bench-docs", extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """``rag serve`` in a subprocess, returned once ``/ready`` says so."""
-    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--kb", kb, "--log-level", "warning"]
-    process = subprocess.Popen(command, env=env, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
+    process = subprocess.Popen(command + (["--kb", kb] if kb else []), env=env, cwd=REPO)
+    wait_ready(f"http://127.0.0.1:{port}", process)
+    return process
+
+
+def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready", timeout: float = 600) -> float:
+    """Seconds until ``url + path`` answers 200; the process is killed if it never does."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return time.perf_counter() - started
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            raise RuntimeError("rag serve exited during start-up")
-        time.sleep(0.5)
+            raise RuntimeError(f"{' '.join(map(str, process.args[:4]))} exited during start-up")
+        time.sleep(0.25)
     process.kill()
-    raise RuntimeError("rag serve did not become ready")
+    raise RuntimeError(f"{url} was not ready after {timeout:.0f} s")
 
 
 async def assembled_messages(chat, top_k: int, max_tokens: int) -> dict[str, list[dict]]:
