@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from api.disconnect import CancelOnDisconnect
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import chat, embeddings, health, knowledge_bases, models
@@ -42,6 +43,7 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
     )
     app.state.settings = settings
     app.state.zhiku = state
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

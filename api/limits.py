@@ -1,15 +1,12 @@
 """Request-size limit as pure ASGI middleware, so an over-large body is refused
-with 413 before it is read into memory."""
+with 413 before it is read into memory: by its Content-Length, or, for a chunked
+body, the moment the bytes received pass the limit (reading stops there)."""
 
 from __future__ import annotations
 
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodySizeLimit:
@@ -32,27 +29,38 @@ class BodySizeLimit:
             await _reject(send, limit)
             return
         received = 0
+        too_large = False
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge
+                if received > limit:  # stop reading here: the app sees a client that left
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if too_large:  # whatever the app makes of the cut-off body, the answer is 413
+                if not started:
+                    started = True
+                    await _reject(send, limit)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _reject(send, limit)
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await _reject(send, limit)
 
 
 async def _reject(send: Send, limit: int) -> None:

@@ -1,10 +1,13 @@
-"""A real uvicorn server on a free port, in a background thread, for API tests."""
+"""A real uvicorn server on a free port, in a background thread, for API tests,
+and the server state those tests serve (real models, real knowledge bases)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+
+from pathlib import Path
 
 import uvicorn
 
@@ -39,3 +42,28 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def serving_state(settings, embedder, folders: dict[str, "Path"], default_kb: str | None = None):
+    """A ServerState with the real bundled generator and one knowledge base per ``{name: folder}``."""
+    from api.state import ServerState
+    from memory.ingestion import add_paths
+    from memory.knowledge_base import KnowledgeBases
+    from rag.chat import ChatService
+    from rag.local_generator import LocalGenerator
+    from rag.retrieval import Retriever
+
+    kbs = KnowledgeBases.from_settings(settings)
+    for name, folder in folders.items():
+        add_paths(kbs, name, [folder], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
+    generator = LocalGenerator.from_settings(settings)
+    retriever = Retriever.from_settings(settings, kbs, embedder)
+    return ServerState(
+        settings=settings,
+        knowledge_bases=kbs,
+        embedder=embedder,
+        generator=generator,
+        retriever=retriever,
+        chat=ChatService(generator, retriever, settings),
+        default_kb=default_kb,
+    )

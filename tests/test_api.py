@@ -13,12 +13,9 @@ import pytest
 
 from api.app import create_app
 from api.state import ServerState
-from memory.ingestion import add_paths
-from memory.knowledge_base import KnowledgeBases
 from rag.chat import ChatService
-from rag.retrieval import Retriever
 from settings import Settings
-from tests.live_server import LiveServer
+from tests.live_server import LiveServer, serving_state
 
 ZH_DOC = (
     "退款政策\n\n购买后七天内可以申请无理由退款。退款会在三个工作日内原路退回到您的支付账户。"
@@ -45,29 +42,14 @@ def server_settings(home, models_dir, adapter_dirs) -> Settings:
 
 @pytest.fixture(scope="module")
 def state(server_settings, embedder, tmp_path_factory):
-    from rag.local_generator import LocalGenerator
-
     docs = tmp_path_factory.mktemp("api-docs")
     (docs / "zh").mkdir()
     (docs / "en").mkdir()
     (docs / "zh" / "shop.txt").write_text(ZH_DOC, encoding="utf-8")
     (docs / "en" / "serving.md").write_text(EN_DOC, encoding="utf-8")
-    kbs = KnowledgeBases.from_settings(server_settings)
-    for name, folder in (("zh-docs", docs / "zh"), ("en-docs", docs / "en")):
-        add_paths(kbs, name, [folder], embedder, chunk_size=server_settings.chunk_size, chunk_overlap=server_settings.chunk_overlap)
-    generator = LocalGenerator.from_settings(server_settings)
-    retriever = Retriever.from_settings(server_settings, kbs, embedder)
-    state = ServerState(
-        settings=server_settings,
-        knowledge_bases=kbs,
-        embedder=embedder,
-        generator=generator,
-        retriever=retriever,
-        chat=ChatService(generator, retriever, server_settings),
-        default_kb="en-docs",
-    )
+    state = serving_state(server_settings, embedder, {"zh-docs": docs / "zh", "en-docs": docs / "en"}, default_kb="en-docs")
     yield state
-    asyncio.run(generator.aclose())
+    asyncio.run(state.generator.aclose())
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,11 @@ class RunningBatch:
     removed at once and all-padding columns trimmed.
     """
 
-    def __init__(self, models: AdapterSet, tokenizer, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(
+        self, models: AdapterSet, tokenizer, eos_ids: frozenset[int], pad_id: int, prefill_chunk_tokens: int = 256
+    ) -> None:
         self._models = models
+        self._chunk = prefill_chunk_tokens
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._pad_id = pad_id
@@ -67,7 +70,13 @@ class RunningBatch:
         try:
             if not self.rows:
                 self._start(requests[0].adapter)
-            logits, cache, mask, positions = self._prefill([r.prompt_ids for r in requests])
+            logits, cache, mask, positions = self._prefill(requests)
+        except _Abandoned:  # every newcomer's client left during its prefill
+            for row in rows:
+                row.drop_if_cancelled()
+            if not self.rows:
+                self._stop()
+            return rows
         except Exception as exc:  # only the newcomers are affected; the running rows go on
             _fail(rows, exc)
             if not self.rows:
@@ -87,7 +96,10 @@ class RunningBatch:
         self._forward = None
         self._reset_tensors()
 
-    def _prefill(self, prompts: list[list[int]]):
+    def _prefill(self, requests: list[Request]):
+        """Prefill in chunks of ``prefill_chunk_tokens`` columns; between chunks, give up if every
+        newcomer was cancelled, so a client that leaves during a long prefill frees the worker soon."""
+        prompts = [r.prompt_ids for r in requests]
         # Left padding keeps every row's last prompt token in the last column, where decoding starts.
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
@@ -103,7 +115,12 @@ class RunningBatch:
             cache = GrowingCache.holding(forward.prefix_cache(len(prompts)))
             prefix_mask = torch.ones((len(prompts), forward.prefix_tokens), dtype=torch.long, device=self._device)
             mask = torch.cat([prefix_mask, mask], dim=1)  # the prefix is attended to by every token
-        logits = forward(ids, mask, positions, cache)
+        before = forward.prefix_tokens  # mask columns ahead of the prompt's
+        for start in range(0, width, self._chunk):
+            if start and all(r.cancelled for r in requests):
+                raise _Abandoned
+            end = min(width, start + self._chunk)
+            logits = forward(ids[:, start:end], mask[:, : before + end], positions[:, start:end], cache)
         return logits, cache, mask, positions[:, -1] + 1
 
     def _join(self, rows: list[Row], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -188,6 +205,10 @@ class RunningBatch:
         for row in self.rows:
             row.fail(error)
         return self._leave(list(self.rows))
+
+
+class _Abandoned(Exception):
+    """Raised between prefill chunks when nobody waits for the newcomers any more."""
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
