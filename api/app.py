@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.disconnect import CancelOnDisconnect
-from api.errors import install_error_handlers
+from api.errors import install_error_handlers, without_validation_422
 from api.limits import BodySizeLimit
 from api.routes import chat, embeddings, health, knowledge_bases, models
 from api.state import ServerState, build_state
@@ -47,12 +47,14 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
+        allow_origin_regex=settings.cors_origin_regex,
         allow_methods=["*"],
         allow_headers=["*"],
         allow_credentials=False,
     )
     app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
     install_error_handlers(app)
+    without_validation_422(app)
     for module in (health, models, chat, embeddings, knowledge_bases):
         app.include_router(module.router)
     return app

@@ -27,6 +27,39 @@ _TYPES = {
 }
 
 
+_MEANINGS = {
+    400: "Invalid request; `param` names the field",
+    401: "Missing or invalid API key",
+    403: "This API key (or a cross-origin page) may not do this",
+    404: "Unknown model, knowledge base or document",
+    409: "The knowledge base exists already, or another writer holds it (see Retry-After)",
+    413: "The request body is over the size limit",
+    429: "The server is busy (see Retry-After)",
+    503: "The models are loading or failed to load (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for the error statuses a route may answer, each an OpenAI error object."""
+    return {status: {"model": ErrorResponse, "description": _MEANINGS[status]} for status in statuses}
+
+
+def without_validation_422(app: FastAPI) -> None:
+    """Drop FastAPI's default 422 from the OpenAPI document: validation errors are answered 400 here."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        schema = generate()  # cached by FastAPI; stripping again is a no-op
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return schema
+
+    app.openapi = openapi
+
+
 class APIError(Exception):
     """An error the client should see as-is."""
 
@@ -56,10 +89,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     problem = exc.errors()[0]
     if problem.get("type") == "json_invalid":
         return f"request body is not valid JSON: {problem.get('ctx', {}).get('error', problem['msg'])}", None
-    location = [str(p) for p in problem.get("loc", ()) if p != "body"]
+    location = [str(p) for p in problem.get("loc", ()) if p != "body" and not _is_type_tag(str(p))]
     param = ".".join(location) or None
-    message = problem["msg"]
+    message = problem["msg"].removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic puts the union member tried in an error's location ("str", "function-after[...]")."""
+    return part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part or part.endswith("()")
 
 
 def install_error_handlers(app: FastAPI) -> None:

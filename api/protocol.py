@@ -9,25 +9,38 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" is not text
+        raise ValueError(f"not valid Unicode text (lone surrogate {text[exc.start]!r} at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Booleans and numbers are strict, as OpenAI's are: "yes" or 1 is not a boolean, "5" not a number.
+Number = StrictFloat | StrictInt
+
+
 class TextContentPart(_Lenient):
     type: Literal["text"] = Field(description="Only text parts are supported.")
-    text: str
+    text: Text
 
 
 class ChatMessage(_Lenient):
     # OpenAI's newer "developer" role means what "system" means for other models.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -39,30 +52,36 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    stream: bool = False
+    model: Text
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=8)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, le=8)
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     # zhiku extensions
-    knowledge_base: str | None = Field(None, description="zhiku extension: knowledge base to retrieve from; null: none.")
-    top_k: int | None = Field(None, ge=1, le=50, description="zhiku extension: passages sent to the model.")
-    score_threshold: float | None = Field(
+    knowledge_base: Text | None = Field(None, description="zhiku extension: knowledge base to retrieve from; null: none.")
+    top_k: StrictInt | None = Field(None, ge=1, le=50, description="zhiku extension: passages sent to the model.")
+    score_threshold: Number | None = Field(
         None, ge=-1.0, le=1.0, description="zhiku extension: minimum cosine similarity of a passage."
     )
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is enabled")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -131,6 +150,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     root: str | None = None
     knowledge_base: str | None = Field(None, description="zhiku extension: the knowledge base this id retrieves from.")
+    kind: Literal["chat", "embedding"] = Field("chat", description="zhiku extension: which endpoint takes this id.")
 
 
 class ModelList(BaseModel):
@@ -139,10 +159,10 @@ class ModelList(BaseModel):
 
 
 class EmbeddingRequest(_Lenient):
-    input: str | list[str] = Field(description="Text or texts; token arrays are not supported.")
-    model: str
+    input: Text | list[Text] = Field(description="Text or texts; token arrays are not supported.")
+    model: Text
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: StrictInt | None = None
     user: str | None = None
     # zhiku extension: e5-style models embed queries and passages with different prompts.
     input_type: Literal["query", "passage"] = "query"
@@ -176,10 +196,10 @@ class ErrorResponse(BaseModel):
 
 
 class KnowledgeBaseCreate(_Lenient):
-    name: str
+    name: Text
 
 
 class KnowledgeBaseSearch(_Lenient):
-    query: str = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=100)
-    score_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    query: Text = Field(min_length=1)
+    top_k: StrictInt = Field(5, ge=1, le=100)
+    score_threshold: Number | None = Field(None, ge=-1.0, le=1.0)

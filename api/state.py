@@ -16,7 +16,10 @@ from settings import Settings
 
 from fastapi import Request
 
+from api.auth import OPEN, Access
 from api.errors import APIError
+from api.shown_paths import ShownPaths
+from api.uploads import clean_leftovers
 
 log = logging.getLogger("zhiku.api")
 
@@ -31,11 +34,16 @@ class ServerState:
     chat: ChatService
     default_kb: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    shown_paths: ShownPaths | None = None  # built from settings and knowledge_bases when not given
+
+    def __post_init__(self) -> None:
+        if self.shown_paths is None:
+            self.shown_paths = ShownPaths(self.settings.home, self.knowledge_bases)
 
     def model_ids(self) -> list[str]:
         return [self.generator.model_id, *self.generator.adapters]
 
-    def resolve_model(self, requested: str) -> tuple[str | None, str | None]:
+    def resolve_model(self, requested: str, access: Access = OPEN) -> tuple[str | None, str | None]:
         """``MODEL`` or ``MODEL@KB`` -> (adapter or None for the base, knowledge base or None)."""
         model, at, kb = requested.rpartition("@") if "@" in requested else (requested, "", "")
         if model == self.generator.model_id:
@@ -46,21 +54,27 @@ class ServerState:
             known = ", ".join(self.model_ids())
             raise APIError(404, f"The model '{requested}' does not exist; served models: {known}", param="model", code="model_not_found")
         if at:
-            self.require_searchable_kb(kb, param="model")
+            self.require_searchable_kb(kb, param="model", access=access)
         return adapter, (kb or None)
 
-    def require_kb(self, name: str, *, param: str = "knowledge_base") -> str:
+    def visible_kbs(self, access: Access = OPEN) -> list[str]:
+        return [name for name in self.knowledge_bases.names() if access.can_read(name)]
+
+    def require_kb(self, name: str, *, param: str = "knowledge_base", access: Access = OPEN) -> str:
+        """``name`` if it exists and ``access`` may see it; else a 404 that, with keys on, lists nothing."""
         try:
-            if self.knowledge_bases.exists(name):
+            if self.knowledge_bases.exists(name) and access.can_read(name):
                 return name
         except KnowledgeBaseError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_knowledge_base") from None
-        known = ", ".join(self.knowledge_bases.names()) or "none yet"
-        raise APIError(404, f"knowledge base '{name}' does not exist (known: {known})", param=param, code="knowledge_base_not_found")
+        message = f"knowledge base '{name}' does not exist"
+        if not access.keys_configured:
+            message += f" (known: {', '.join(self.visible_kbs()) or 'none yet'})"
+        raise APIError(404, message, param=param, code="knowledge_base_not_found")
 
-    def require_searchable_kb(self, name: str, *, param: str = "knowledge_base") -> str:
+    def require_searchable_kb(self, name: str, *, param: str = "knowledge_base", access: Access = OPEN) -> str:
         """An existing knowledge base whose vectors come from this server's embedding model."""
-        self.require_kb(name, param=param)
+        self.require_kb(name, param=param, access=access)
         pinned = self.knowledge_bases.manifest(name).embedding_model
         if pinned != self.embedder.model_id:
             raise APIError(
@@ -90,6 +104,7 @@ def build_state(settings: Settings, default_kb: str | None = None) -> ServerStat
     if default_kb is not None:
         validate_name(default_kb)
     knowledge_bases = KnowledgeBases.from_settings(settings)
+    clean_leftovers(settings.home, knowledge_bases)
     embedder = load_embedder(settings)
     embedder.embed_queries(["warm-up"])  # load now, not on the first request
     retriever = Retriever.from_settings(settings, knowledge_bases, embedder)

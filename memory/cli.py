@@ -128,7 +128,7 @@ def add(
     """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
     with user_errors():
         settings = load_settings(chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
-        name = validate_name(kb or settings.default_kb)
+        name = validate_name(settings.default_kb if kb is None else kb)
         kbs = KnowledgeBases.from_settings(settings)
         embedder = embedder_for(kbs, name, settings)
         size, overlap = settings.chunk_size, settings.chunk_overlap
@@ -165,7 +165,7 @@ def list_(kb: KbOption = None, as_json: JsonOption = False) -> None:
     with user_errors():
         settings = load_settings()
         kbs = KnowledgeBases.from_settings(settings)
-        rows = list_documents(kbs, validate_name(kb)) if kb else list_knowledge_bases(kbs)
+        rows = list_documents(kbs, validate_name(kb)) if kb is not None else list_knowledge_bases(kbs)
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -260,7 +260,7 @@ def search(
     """Search a knowledge base. Scores are cosine similarities: higher is better, 1.0 is identical."""
     with user_errors():
         settings = load_settings(top_k=top_k, step=step)
-        name = validate_name(kb or settings.default_kb)
+        name = validate_name(settings.default_kb if kb is None else kb)
         kbs = KnowledgeBases.from_settings(settings)
         kbs.manifest(name)
         embedder = embedder_for(kbs, name, settings)

@@ -271,6 +271,11 @@ class Embedder:
         """Embed search queries (with the model's query prompt)."""
         return self._embed(texts, self.query_prompt, "query", None)
 
+    def count_tokens(self, texts: Sequence[str], *, queries: bool) -> int:
+        """Tokens the model reads for ``texts`` (prompt included, truncated as when embedding)."""
+        prompt = self.query_prompt if queries else self.passage_prompt
+        return int(self.encoder.token_lengths([prompt + t for t in texts]).sum()) if texts else 0
+
     def _embed(
         self, texts: Sequence[str], prompt: str, task: Task, progress: Callable[[int], None] | None
     ) -> np.ndarray:

@@ -21,8 +21,9 @@ Three things run at once on a first ingest (measured in docs/BENCHMARKS.md,
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ from ingest.loaders import PDF_SUFFIXES
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
 from memory.chunk_store import ChunkStore, NewChunk
-from memory.files import file_sha256
+from memory.files import file_sha256, fsync_dir
 from memory.lexical_index import token_text
 from memory.knowledge_base import (
     STORE_DB,
@@ -244,13 +245,20 @@ def add_paths(
     chunk_overlap: int,
     prune: bool = False,
     progress: Progress | None = None,
+    staged: Sequence[tuple[Path, Path]] = (),
 ) -> IngestReport:
-    """Ingest files and folders into knowledge base ``name`` (created when missing)."""
+    """Ingest files and folders into knowledge base ``name`` (created when missing).
+
+    ``staged`` are ``(staged file, destination)`` pairs (uploads): they are moved to
+    their destination only once the writer lock is held, then ingested with ``paths``,
+    so a refused or interrupted upload never replaces a file another writer is reading.
+    """
     progress = progress or Progress()
     paths = [Path(p) for p in paths]
     report = IngestReport()
     with kbs.writer(name, create=manifest_for(name, embedder, chunk_size, chunk_overlap)) as kb:
         check_compatible(kb.manifest, embedder.model_id, chunk_size, chunk_overlap)
+        paths += move_into_place(staged)
         files = list(iter_candidate_files(paths))
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress)
@@ -382,6 +390,16 @@ def _check_file(kb: KnowledgeBase, path: Path) -> FileOutcome | _Parsing:
     if stored is not None and stored.sha256 == sha and stored.status in ("ok", "skipped"):
         return FileOutcome(key, "unchanged" if stored.status == "ok" else "skipped", stored.chunk_count, stored.error)
     return _Parsing(key, str(path), sha, size)
+
+
+def move_into_place(staged: Sequence[tuple[Path, Path]]) -> list[Path]:
+    """Move each staged file to its destination (atomically, durably); the destinations."""
+    for source, destination in staged:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+    for folder in {destination.parent for _, destination in staged}:
+        fsync_dir(folder)
+    return [destination for _, destination in staged]
 
 
 def _is_under(path: str, roots: list[Path]) -> bool:

@@ -32,6 +32,7 @@ import json
 import re
 import shutil
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -73,20 +74,31 @@ class EmbedderMismatch(KnowledgeBaseError):
     pass
 
 
+KB_NAME_RULE = (
+    "Knowledge-base name: 1-64 letters (any script), digits, '_', '-' or '.', starting with a letter or digit, "
+    "no '..', in Unicode NFKC form (no full-width look-alikes)."
+)
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe knowledge-base name, else raise.
 
     Letters and digits of any script (Chinese works), ``_``, ``-`` and ``.``;
-    no path separators, no leading dot, at most 64 characters.
+    no path separators, no leading dot, no ``..``, at most 64 characters, and
+    already in Unicode NFKC form, so that look-alikes (full-width ``ｋｂ``, the
+    Ångström sign) are refused rather than becoming a second knowledge base.
 
     >>> validate_name("产品手册-v2")
     '产品手册-v2'
     """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise KnowledgeBaseError(
             f"invalid knowledge-base name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit (no '/', no '..')"
         )
+    normal = unicodedata.normalize("NFKC", name)
+    if normal != name:
+        raise KnowledgeBaseError(f"invalid knowledge-base name {name!r}: write it in normal form, {normal!r}")
     return name
 
 

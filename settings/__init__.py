@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +33,14 @@ BUNDLED_SMOLLM2_MODEL = "bundled:smollm2-135m-instruct"  # English only, small a
 BUNDLED_QWEN_MODEL = "bundled:qwen2.5-coder-1.5b-instruct"  # Chinese-capable, ~1.1 GB download once
 # Chinese-first: the default generator of `rag serve`, the demo and `finetune` reads Chinese.
 BUNDLED_GENERATOR_MODEL = BUNDLED_QWEN_MODEL
+
+
+class KeyScope(BaseModel):
+    """The knowledge bases one API key may see (``read``) and change (``write``, implies read)."""
+
+    model_config = ConfigDict(extra="forbid")
+    read: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
 
 
 def default_home() -> Path:
@@ -181,7 +189,16 @@ class Settings(BaseSettings):
     admin_api_keys: list[str] = Field(
         default_factory=list, description="Keys that may change knowledge bases (when api_keys is set)."
     )
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    scoped_api_keys: dict[str, KeyScope] = Field(
+        default_factory=dict,
+        description='Keys limited to named knowledge bases, e.g. {"team-a": {"read": ["hr"], "write": ["hr-drafts"]}}.',
+    )
+    # Which web pages may call the API from a browser: besides same-origin pages
+    # (the server's own), pages served from this machine. "*" opens it to any site.
+    cors_origins: list[str] = Field(default_factory=list, description="Extra allowed origins, e.g. https://chat.example.com.")
+    cors_origin_regex: str | None = Field(
+        r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?", description="Allowed origins by pattern; default: localhost."
+    )
     max_request_bytes: int = Field(1_000_000, ge=1024)
     max_upload_bytes: int = Field(50_000_000, ge=1024)
     max_messages: int = Field(256, ge=1)
@@ -195,6 +212,10 @@ class Settings(BaseSettings):
                 f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size})"
             )
         return self
+
+    @property
+    def keys_configured(self) -> bool:
+        return bool(self.api_keys or self.admin_api_keys or self.scoped_api_keys)
 
     @property
     def kb_root(self) -> Path:

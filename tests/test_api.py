@@ -371,15 +371,6 @@ def test_full_queue_is_429_with_retry_after(state, generator_model_path):
     assert refused.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_cors_is_open_by_default(server):
-    preflight = httpx.options(
-        f"{server.url}/v1/chat/completions",
-        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"},
-    )
-    assert preflight.status_code == 200
-    assert preflight.headers["access-control-allow-origin"] == "*"
-
-
 def test_a_dropped_and_recreated_knowledge_base_is_searched_afresh(server):
     api = f"{server.url}/v1/knowledge_bases"
     for text in ("第一版：保修期为一年。", "第二版：保修期为三年。"):

@@ -76,6 +76,8 @@ def test_usage_errors_exit_2_with_a_clear_message(cli, tmp_path):
     assert unknown.returncode == 2 and "does not exist" in unknown.stderr and "Traceback" not in unknown.stderr
     bad_name = cli("add", str(tmp_path), "--kb", "../evil")
     assert bad_name.returncode == 2 and "invalid knowledge-base name" in bad_name.stderr
+    empty_name = cli("add", str(tmp_path), "--kb", "")  # not silently the default knowledge base
+    assert empty_name.returncode == 2 and "invalid knowledge-base name ''" in empty_name.stderr
     missing_path = cli("add", str(tmp_path / "nope"))
     assert missing_path.returncode == 2
     bad_overlap = cli("add", str(tmp_path), "--chunk-size", "100", "--chunk-overlap", "200")

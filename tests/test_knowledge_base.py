@@ -151,7 +151,8 @@ def test_broken_file_fails_alone_and_unsupported_is_skipped(kbs, docs, embedder)
 
 
 def test_names_are_validated_and_chinese_names_work(kbs, docs, embedder):
-    for bad in ["../etc", "a/b", ".hidden", "", "x" * 65, "a b"]:
+    # a..b: the docs promise no ".."; ｋｂ and the Ångström sign: NFKC look-alikes of kb and Å
+    for bad in ["../etc", "a/b", ".hidden", "", "x" * 65, "a b", "a..b", "ｋｂ", "\u212b"]:
         with pytest.raises(KnowledgeBaseError):
             validate_name(bad)
     ingest(kbs, [docs], embedder, name="产品手册")

@@ -17,8 +17,8 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from api.auth import require_key
-from api.errors import APIError
+from api.auth import Access, access_of, require_key
+from api.errors import APIError, error_responses
 from api.protocol import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -41,25 +41,31 @@ from rag.generation import (
     UnknownAdapter,
 )
 
-router = APIRouter(dependencies=[Depends(require_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_key), Depends(require_ready)], responses=error_responses(400, 401, 404, 413, 429, 503))
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "A chat completion, or with `stream: true` Server-Sent Events of chunks"}},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.zhiku
-    turn = _chat_turn(body, state)
+    turn = _chat_turn(body, state, access_of(request))
     prepared = await _prepare(state, turn)
     streams = [state.chat.stream(prepared, p, turn.adapter) for p in choice_params(turn.params, body.n)]
     firsts = await _first_events(streams)
+    sources = _sources(prepared, state)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(body.model, prepared, streams, firsts, include_usage)
+        events = _sse(body.model, sources, streams, firsts, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await asyncio.gather(*(collect(_prepend(first, s)) for first, s in zip(firsts, streams)))
-    return _completion(body.model, prepared, results)
+    return _completion(body.model, sources, results)
 
 
-def _chat_turn(body: ChatCompletionRequest, state: ServerState) -> ChatTurn:
+def _chat_turn(body: ChatCompletionRequest, state: ServerState, access: Access) -> ChatTurn:
     settings = state.settings
     if len(body.messages) > settings.max_messages:
         raise APIError(400, f"messages: at most {settings.max_messages} messages are accepted", param="messages")
@@ -70,7 +76,7 @@ def _chat_turn(body: ChatCompletionRequest, state: ServerState) -> ChatTurn:
     if max_tokens > settings.max_tokens_limit:
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise APIError(400, f"{param}: at most {settings.max_tokens_limit} tokens may be requested", param=param)
-    adapter, kb_from_model = state.resolve_model(body.model)
+    adapter, kb_from_model = state.resolve_model(body.model, access)
     return ChatTurn(
         messages=messages,
         params=SamplingParams(
@@ -83,20 +89,22 @@ def _chat_turn(body: ChatCompletionRequest, state: ServerState) -> ChatTurn:
             frequency_penalty=body.frequency_penalty,
         ),
         adapter=adapter,
-        knowledge_base=_knowledge_base(body, kb_from_model, state),
+        knowledge_base=_knowledge_base(body, kb_from_model, state, access),
         top_k=body.top_k,
         score_threshold=body.score_threshold,
     )
 
 
-def _knowledge_base(body: ChatCompletionRequest, kb_from_model: str | None, state: ServerState) -> str | None:
-    """The request's field wins (null: no retrieval), then ``MODEL@KB``, then the server's ``--kb``."""
+def _knowledge_base(body: ChatCompletionRequest, kb_from_model: str | None, state: ServerState, access: Access) -> str | None:
+    """The request's field wins (null: no retrieval), then ``MODEL@KB``, then the server's ``--kb``
+    (when the key may read it: a scoped key outside it gets no retrieval)."""
     if "knowledge_base" in body.model_fields_set:
-        return state.require_searchable_kb(body.knowledge_base) if body.knowledge_base is not None else None
+        return state.require_searchable_kb(body.knowledge_base, access=access) if body.knowledge_base is not None else None
     if kb_from_model:
         return kb_from_model
-    if state.default_kb and state.knowledge_bases.exists(state.default_kb):
-        return state.require_searchable_kb(state.default_kb)
+    default = state.default_kb
+    if default and access.can_read(default) and state.knowledge_bases.exists(default):
+        return state.require_searchable_kb(default)
     return None
 
 
@@ -139,11 +147,14 @@ async def _prepend(first: GenerationEvent, rest: AsyncIterator[GenerationEvent])
         await rest.aclose()
 
 
-def _sources(prepared: PreparedChat) -> list[SourcePassage]:
+def _sources(prepared: PreparedChat, state: ServerState) -> list[SourcePassage]:
+    if not prepared.passages:
+        return []
+    shown = state.shown_paths.for_kb(prepared.knowledge_base)
     return [
         SourcePassage(
             index=i,
-            source=p.source,
+            source=shown(p.source),
             page=p.pages[0] if p.pages else None,
             score=round(float(p.score), 6),
             text=p.text,
@@ -158,7 +169,7 @@ def _usage(finishes: list[Finished]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _completion(model: str, prepared: PreparedChat, results: list[tuple[str, Finished]]) -> ChatCompletionResponse:
+def _completion(model: str, sources: list[SourcePassage], results: list[tuple[str, Finished]]) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         model=model,
         choices=[
@@ -166,7 +177,7 @@ def _completion(model: str, prepared: PreparedChat, results: list[tuple[str, Fin
             for i, (text, finished) in enumerate(results)
         ],
         usage=_usage([finished for _, finished in results]),
-        sources=_sources(prepared),
+        sources=sources,
     )
 
 
@@ -193,15 +204,14 @@ def _sse_line(payload: dict) -> str:
 
 async def _sse(
     model: str,
-    prepared: PreparedChat,
+    sources: list[SourcePassage],
     streams: list[AsyncIterator[GenerationEvent]],
     firsts: list[GenerationEvent],
     include_usage: bool,
 ) -> AsyncIterator[str]:
     writer = _ChunkWriter(model, include_usage)
-    sources = [s.model_dump() for s in _sources(prepared)]
     for index in range(len(streams)):
-        extra = {"sources": sources} if index == 0 else {}
+        extra = {"sources": [s.model_dump() for s in sources]} if index == 0 else {}
         yield writer.choice(index, {"role": "assistant", "content": ""}, **extra)
     finishes: list[Finished] = []
     try:

@@ -9,11 +9,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from api.auth import require_key
-from api.errors import APIError
+from api.errors import APIError, error_responses
 from api.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse
 from api.state import ServerState, require_ready
 
-router = APIRouter(dependencies=[Depends(require_key), Depends(require_ready)])
+router = APIRouter(dependencies=[Depends(require_key), Depends(require_ready)], responses=error_responses(400, 401, 404, 413, 503))
 MAX_INPUTS = 2048
 
 
@@ -28,9 +28,9 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         raise APIError(400, f"input: give 1 to {MAX_INPUTS} non-empty strings", param="input")
     if body.dimensions is not None and body.dimensions != embedder.dimension:
         raise APIError(400, f"dimensions: this model only produces {embedder.dimension}", param="dimensions")
-    embed = embedder.embed_queries if body.input_type == "query" else embedder.embed_passages
-    vectors = await asyncio.to_thread(embed, texts)
-    tokens = sum(len(t) for t in texts)  # characters: the embedder's tokenizer is not exposed
+    queries = body.input_type == "query"
+    vectors = await asyncio.to_thread(embedder.embed_queries if queries else embedder.embed_passages, texts)
+    tokens = await asyncio.to_thread(embedder.count_tokens, texts, queries=queries)
     return EmbeddingResponse(
         data=[EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)],
         model=body.model,

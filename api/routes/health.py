@@ -13,7 +13,7 @@ def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "The models are loading or failed to load"}})
 def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "zhiku", None)
     if state is None:

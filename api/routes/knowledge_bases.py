@@ -2,29 +2,35 @@
 
 Uploads run the same pipeline as ``ingest add`` (a broken file is reported, the
 rest are ingested). Uploaded files are kept under ``<ZHIKU_HOME>/uploads/<kb>/``
-so an unchanged re-upload is recognised by its hash like any ingest.
+(see ``api.uploads``) so an unchanged re-upload is recognised by its hash like any ingest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
-import unicodedata
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import Path as PathParam
 
-from api.auth import require_admin, require_key
-from api.errors import APIError
+from api.auth import access_of, require_admin, require_key, require_write
+from api.errors import APIError, error_responses
 from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch
 from api.state import ServerState, require_ready
+from api.uploads import stage, staging_area, upload_dir
 from memory.ingestion import add_paths, manifest_for, remove_paths
-from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBaseNotFound, validate_name
+from memory.knowledge_base import KB_NAME_RULE, KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBaseNotFound, validate_name
 
-router = APIRouter(prefix="/v1/knowledge_bases", dependencies=[Depends(require_key), Depends(require_ready)])
+router = APIRouter(
+    prefix="/v1/knowledge_bases",
+    dependencies=[Depends(require_key), Depends(require_ready)],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 503),
+)
 admin = [Depends(require_admin)]
+KnowledgeBaseName = Annotated[str, PathParam(description=KB_NAME_RULE)]
 
 
 def _state(request: Request) -> ServerState:
@@ -47,9 +53,15 @@ async def _run(function, *args, **kwargs):
         raise _kb_error(exc) from None
 
 
+def _readable(request: Request, kb: str) -> str:
+    """``kb`` if it exists and the caller's key may see it (else 404)."""
+    return _state(request).require_kb(kb, param="kb", access=access_of(request))
+
+
 @router.get("")
 async def list_knowledge_bases(request: Request) -> dict:
-    kbs = _state(request).knowledge_bases
+    state = _state(request)
+    kbs = state.knowledge_bases
 
     def describe(name: str) -> dict:
         documents = kbs.documents(name)
@@ -59,7 +71,7 @@ async def list_knowledge_bases(request: Request) -> dict:
             "chunks": sum(d.chunk_count for d in documents),
         }
 
-    return {"object": "list", "data": await _run(lambda: [describe(n) for n in kbs.names()])}
+    return {"object": "list", "data": await _run(lambda: [describe(n) for n in state.visible_kbs(access_of(request))])}
 
 
 @router.post("", dependencies=admin, status_code=201)
@@ -80,59 +92,77 @@ async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> 
 
 
 @router.delete("/{kb}", dependencies=admin)
-async def delete_knowledge_base(kb: str, request: Request) -> dict:
+async def delete_knowledge_base(kb: KnowledgeBaseName, request: Request) -> dict:
     state = _state(request)
+    _readable(request, kb)
     await _run(state.knowledge_bases.drop, kb)
     shutil.rmtree(_upload_dir(state, kb), ignore_errors=True)
     return {"id": kb, "object": "knowledge_base", "deleted": True}
 
 
 @router.get("/{kb}/documents")
-async def list_documents(kb: str, request: Request) -> dict:
-    documents = await _run(_state(request).knowledge_bases.documents, kb)
-    return {"object": "list", "data": [asdict(d) for d in documents]}
+async def list_documents(kb: KnowledgeBaseName, request: Request) -> dict:
+    state = _state(request)
+    _readable(request, kb)
+    documents = await _run(state.knowledge_bases.documents, kb)
+    shown = await _run(state.shown_paths.for_kb, kb)
+    return {"object": "list", "data": [{**asdict(d), "path": shown(d.path)} for d in documents]}
 
 
-@router.post("/{kb}/documents", dependencies=admin)
-async def upload_documents(kb: str, request: Request, files: list[UploadFile] = File(...)) -> dict:
+@router.post("/{kb}/documents")
+async def upload_documents(kb: KnowledgeBaseName, request: Request, files: list[UploadFile] = File(...)) -> dict:
     state = _state(request)
     validate_kb_name(kb)
+    access = access_of(request)
+    if not access.can_read(kb):
+        _readable(request, kb)  # 404: outside this key's scope
+    require_write(request, kb)
     chunk_size, chunk_overlap = state.settings.chunk_size, state.settings.chunk_overlap
     if state.knowledge_bases.exists(kb):  # an existing knowledge base keeps its own chunking
-        state.require_searchable_kb(kb, param="kb")
+        state.require_searchable_kb(kb, param="kb", access=access)
         manifest = state.knowledge_bases.manifest(kb)
         chunk_size, chunk_overlap = manifest.chunk_size, manifest.chunk_overlap
-    folder = _upload_dir(state, kb)
-    saved = [await _save_upload(upload, folder) for upload in files]
-    report = await _run(
-        add_paths, state.knowledge_bases, kb, saved, state.embedder, chunk_size=chunk_size, chunk_overlap=chunk_overlap
-    )
-    return {"object": "list", "data": [asdict(o) for o in report.outcomes], "failed": len(report.failed)}
+    with staging_area(state.settings.home) as staging:
+        staged = await stage(files, staging, _upload_dir(state, kb))
+        report = await _run(
+            add_paths, state.knowledge_bases, kb, [], state.embedder,
+            chunk_size=chunk_size, chunk_overlap=chunk_overlap, staged=staged,
+        )
+    shown = await _run(state.shown_paths.for_kb, kb)
+    return {
+        "object": "list",
+        "data": [{**asdict(o), "path": shown(o.path)} for o in report.outcomes],
+        "failed": len(report.failed),
+    }
 
 
-@router.delete("/{kb}/documents/{document_id}", dependencies=admin)
-async def delete_document(kb: str, document_id: int, request: Request) -> dict:
+@router.delete("/{kb}/documents/{document_id}")
+async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Request) -> dict:
     state = _state(request)
+    _readable(request, kb)
+    require_write(request, kb)
     documents = await _run(state.knowledge_bases.documents, kb)
     match = next((d for d in documents if d.id == document_id), None)
     if match is None:
         raise APIError(404, f"knowledge base '{kb}' has no document {document_id}", param="document_id", code="document_not_found")
+    shown = await _run(state.shown_paths.for_kb, kb)
     await _run(remove_paths, state.knowledge_bases, kb, [Path(match.path)])
-    if Path(match.path).parent == _upload_dir(state, kb):
+    if Path(match.path).parent == _upload_dir(state, kb).resolve():
         Path(match.path).unlink(missing_ok=True)
-    return {"id": document_id, "object": "document", "deleted": True, "path": match.path}
+    return {"id": document_id, "object": "document", "deleted": True, "path": shown(match.path)}
 
 
 @router.post("/{kb}/search")
-async def search(kb: str, body: KnowledgeBaseSearch, request: Request) -> dict:
+async def search(kb: KnowledgeBaseName, body: KnowledgeBaseSearch, request: Request) -> dict:
     state = _state(request)
-    state.require_searchable_kb(kb, param="kb")
+    state.require_searchable_kb(kb, param="kb", access=access_of(request))
     threshold = state.settings.score_threshold if body.score_threshold is None else body.score_threshold
     passages = await _run(state.retriever.retrieve, kb, body.query, top_k=body.top_k, score_threshold=threshold)
+    shown = await _run(state.shown_paths.for_kb, kb)
     return {
         "object": "list",
         "data": [
-            {"index": i, "source": p.source, "page": p.pages[0] if p.pages else None, "pages": list(p.pages), "score": p.score, "text": p.text}
+            {"index": i, "source": shown(p.source), "page": p.pages[0] if p.pages else None, "pages": list(p.pages), "score": p.score, "text": p.text}
             for i, p in enumerate(passages, 1)
         ],
     }
@@ -146,25 +176,4 @@ def validate_kb_name(name: str) -> None:
 
 
 def _upload_dir(state: ServerState, kb: str) -> Path:
-    return state.settings.home / "uploads" / validate_name(kb)
-
-
-_UNSAFE = re.compile(r"[^\w.\-() \u3000-\u9fff]+")
-
-
-def sanitised_filename(name: str | None) -> str:
-    """A file name safe to create: no folders, no control characters, no leading dots."""
-    base = unicodedata.normalize("NFC", Path((name or "").replace("\\", "/")).name)
-    cleaned = _UNSAFE.sub("_", base).strip(" .")
-    return cleaned[:200] or "upload"
-
-
-async def _save_upload(upload: UploadFile, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / sanitised_filename(upload.filename)
-    partial = target.with_name(target.name + ".part")
-    with partial.open("wb") as out:
-        while chunk := await upload.read(1 << 20):
-            out.write(chunk)
-    partial.replace(target)
-    return target
+    return upload_dir(state.settings.home, kb)
