@@ -138,7 +138,8 @@ def add(
             size, overlap = manifest.chunk_size, manifest.chunk_overlap
         with progress_bars() as bars:
             report = add_paths(
-                kbs, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune, progress=BarProgress(bars)
+                kbs, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune, progress=BarProgress(bars),
+                batch_chunks=settings.ingest_batch_chunks,
             )
     print_report(report, name, as_json)
     raise typer.Exit(report.exit_code)

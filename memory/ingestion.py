@@ -47,7 +47,7 @@ from memory.knowledge_base import (
     Manifest,
 )
 
-EMBED_BATCH_CHUNKS = 1024  # long enough to sort by length well (less padding), short enough to commit often
+EMBED_BATCH_CHUNKS = 1024  # default of Settings.ingest_batch_chunks
 # Parsing in a separate process pays off from this many files to parse (or one PDF);
 # below it, starting the process costs more than it saves.
 PARALLEL_PARSE_MIN_FILES = 8
@@ -161,8 +161,9 @@ class _Batcher:
     still in flight are taken from its results when the next batch commits.
     """
 
-    def __init__(self, kb: KnowledgeBase, embedder, progress: Progress):
+    def __init__(self, kb: KnowledgeBase, embedder, progress: Progress, batch_chunks: int = EMBED_BATCH_CHUNKS):
         self.kb = kb
+        self.batch_chunks = batch_chunks
         self.embedder = embedder
         self.progress = progress
         self.pending: list[tuple[DocumentUpdate, list]] = []
@@ -181,7 +182,7 @@ class _Batcher:
         self.pending.append((update, chunks))
         self.pending_chunks += len(chunks)
         self.progress.chunks_queued(len(chunks))
-        if self.pending_chunks >= EMBED_BATCH_CHUNKS:
+        if self.pending_chunks >= self.batch_chunks:
             self._submit()
 
     def finish(self) -> None:
@@ -246,6 +247,7 @@ def add_paths(
     prune: bool = False,
     progress: Progress | None = None,
     staged: Sequence[tuple[Path, Path]] = (),
+    batch_chunks: int = EMBED_BATCH_CHUNKS,
 ) -> IngestReport:
     """Ingest files and folders into knowledge base ``name`` (created when missing).
 
@@ -261,7 +263,7 @@ def add_paths(
         paths += move_into_place(staged)
         files = list(iter_candidate_files(paths))
         progress.files_found(len(files))
-        batcher = _Batcher(kb, embedder, progress)
+        batcher = _Batcher(kb, embedder, progress, batch_chunks)
         parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in PDF_SUFFIXES for p in files)
         parser = _Parser(chunk_size, chunk_overlap, parallel)
         queue: deque[FileOutcome | _Parsing] = deque()

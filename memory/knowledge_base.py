@@ -55,7 +55,6 @@ _INDEX_FILE = re.compile(r"^vectors\.(\d+)\.faiss$")
 _LEXICAL_DIR = re.compile(r"^lexical\.(\d+)$")
 _LEXICAL_TMP = re.compile(r"^\.lexical\.\d+\..*\.tmp$")
 _NAME = re.compile(r"^\w[\w.\-]{0,63}$")
-INDEX_SAVE_INTERVAL_S = 30.0
 
 
 class KnowledgeBaseError(Exception):
@@ -134,8 +133,11 @@ class Hit:
 class KnowledgeBase:
     """One opened knowledge base: its chunk store and its FAISS index, in step."""
 
-    def __init__(self, directory: Path, manifest: Manifest, *, writable: bool, exact_max: int, nprobe: int):
+    def __init__(
+        self, directory: Path, manifest: Manifest, *, writable: bool, exact_max: int, nprobe: int, index_save_interval: float = 30.0
+    ):
         self.directory = directory
+        self._index_save_interval = index_save_interval
         self.manifest = manifest
         self.writable = writable
         self._exact_max = exact_max
@@ -322,7 +324,7 @@ class KnowledgeBase:
             self.index.add(np.asarray(added, dtype=np.int64), np.vstack(vectors).astype(np.float32))
         self._index_generation = self.store.generation()
         self._index = self.index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
-        if time.monotonic() - self._index_saved_at > INDEX_SAVE_INTERVAL_S:
+        if time.monotonic() - self._index_saved_at >= self._index_save_interval:
             self.save_index()
 
     def _require_writable(self) -> None:
@@ -433,11 +435,14 @@ class DocumentUpdate:
 class KnowledgeBases:
     """The named knowledge bases under one root folder."""
 
-    def __init__(self, root: Path, *, exact_max: int = 200_000, nprobe: int = 32, lock_timeout: float = 0.0):
+    def __init__(
+        self, root: Path, *, exact_max: int = 200_000, nprobe: int = 32, lock_timeout: float = 0.0, index_save_interval: float = 30.0
+    ):
         self.root = root
         self._exact_max = exact_max
         self._nprobe = nprobe
         self._lock_timeout = lock_timeout
+        self._index_save_interval = index_save_interval
 
     @classmethod
     def from_settings(cls, settings) -> "KnowledgeBases":
@@ -446,6 +451,7 @@ class KnowledgeBases:
             exact_max=settings.exact_search_max_chunks,
             nprobe=settings.ivf_nprobe,
             lock_timeout=settings.lock_timeout,
+            index_save_interval=settings.index_save_interval,
         )
 
     def names(self) -> list[str]:
@@ -481,7 +487,12 @@ class KnowledgeBases:
     def instance(self, manifest: Manifest, *, writable: bool) -> KnowledgeBase:
         """A KnowledgeBase object for ``manifest`` (which may not be the active one yet)."""
         return KnowledgeBase(
-            self.root / manifest.name, manifest, writable=writable, exact_max=self._exact_max, nprobe=self._nprobe
+            self.root / manifest.name,
+            manifest,
+            writable=writable,
+            exact_max=self._exact_max,
+            nprobe=self._nprobe,
+            index_save_interval=self._index_save_interval,
         )
 
     @contextmanager
@@ -519,6 +530,7 @@ class KnowledgeBases:
 
     def _create(self, manifest: Manifest) -> None:
         directory = self.root / manifest.name
+        shutil.rmtree(directory, ignore_errors=True)  # what a killed drop left (no manifest: not a knowledge base)
         store_dir = directory / manifest.store
         store_dir.mkdir(parents=True, exist_ok=True)
         ChunkStore(store_dir / STORE_DB, create=True).close()

@@ -302,17 +302,14 @@ def test_readers_are_not_blocked_by_a_writer_mid_transaction(kbs, docs, embedder
             writer.store.conn.execute("ROLLBACK")
 
 
-def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder, monkeypatch):
-    import memory.ingestion
-
-    monkeypatch.setattr(memory.ingestion, "EMBED_BATCH_CHUNKS", 2)  # many small batches in flight
+def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder):
     folder = tmp_path / "many"
     folder.mkdir()
     for n in range(8):
         body = REFUND if n % 2 else f"第{n}号文件。" + WEATHER  # every other file repeats REFUND
         (folder / f"f{n}.txt").write_text(body, encoding="utf-8")
     counting = CountingEmbedder(embedder)
-    report = ingest(kbs, [folder], counting)
+    report = ingest(kbs, [folder], counting, batch_chunks=2)  # many small batches in flight
     assert report.count("ingested") == 8
     assert len(counting.embedded) == len(set(counting.embedded))
     kb = kbs.open("default")

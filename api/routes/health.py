@@ -20,4 +20,9 @@ def ready(request: Request) -> JSONResponse:
         failure = getattr(request.app.state, "load_error", None)
         body = {"status": "failed", "error": failure} if failure else {"status": "loading"}
         return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "model": state.generator.model_id, "embedding_model": state.embedder.model_id})
+    body = {"status": "ready", "model": state.generator.model_id, "embedding_model": state.embedder.model_id}
+    stats = getattr(state.generator, "stats", None)  # the local generator's load; an upstream has its own
+    if stats is not None:
+        snapshot = stats()
+        body["generator"] = {"queue_depth": snapshot.queue_depth, "running": snapshot.running}
+    return JSONResponse(body)

@@ -126,7 +126,7 @@ async def upload_documents(kb: KnowledgeBaseName, request: Request, files: list[
         staged = await stage(files, staging, _upload_dir(state, kb))
         report = await _run(
             add_paths, state.knowledge_bases, kb, [], state.embedder,
-            chunk_size=chunk_size, chunk_overlap=chunk_overlap, staged=staged,
+            chunk_size=chunk_size, chunk_overlap=chunk_overlap, staged=staged, batch_chunks=state.settings.ingest_batch_chunks,
         )
     shown = await _run(state.shown_paths.for_kb, kb)
     return {
