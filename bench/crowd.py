@@ -4,10 +4,11 @@ of them abandoned mid-way, then every client gone at once.
     python -m bench.crowd [--clients 32] [--seconds 60] [--max-tokens 64] [--model bundled:smollm2-135m-instruct]
 
 Each of ``--clients`` clients sends streaming chat requests (retrieval from a
-knowledge base of docs/en, ``max_tokens`` 64) back to back for ``--seconds``;
-a client gives up on a request after a random 2-30 s (it closes the connection at
-whatever stage the request is in: queued, retrieving, prefilling or decoding).
-When the time is up every client is dropped at once. Reported: outcomes by status,
+knowledge base of docs/en, ``max_tokens`` 64) back to back for ``--seconds``.
+Every other client is impatient: it gives up on a request after a random 2-30 s
+(it closes the connection at whatever stage the request is in: queued,
+retrieving, prefilling or decoding); the others wait for their answers. When
+the time is up every client is dropped at once. Reported: outcomes by status,
 p50/p99 total time of completed requests, how long the server takes to empty its
 queue and batch after the crowd leaves (``/ready``'s generator load), how a fresh
 request's time compares with the same request on the idle server before the
@@ -93,8 +94,9 @@ async def crowd(url: str, model: str, clients: int, seconds: float, max_tokens: 
             for n in range(10**6):
                 body = chat_body(model, QUESTIONS[(worker + n) % len(QUESTIONS)], max_tokens)
                 started = time.perf_counter()
+                patience = rng.uniform(2, 30) if worker % 2 else None
                 try:
-                    outcome = await asyncio.wait_for(one_request(http, url, body), rng.uniform(2, 30))
+                    outcome = await asyncio.wait_for(one_request(http, url, body), patience)
                 except asyncio.TimeoutError:
                     outcome = "abandoned"
                 except httpx.HTTPError as exc:
@@ -170,12 +172,13 @@ def main() -> None:
         return
     body = (
         f"`{model}`, {args.clients} streaming clients for {args.seconds:.0f} s, retrieval from docs/en "
-        f"(default top_k), `max_tokens` {args.max_tokens}; each request abandoned after a random 2-30 s, "
-        "then every client dropped at once. 5xx must be absent; abandoned requests must leave the server "
+        f"(default top_k), `max_tokens` {args.max_tokens}; half the clients abandon each request after a random 2-30 s, "
+        "the other half wait for their answers; then every client is dropped at once. 5xx must be absent; abandoned requests must leave the server "
         "(queue and batch empty within a decode step of the last client leaving), the next request must "
         "take what it takes on an idle server, and RSS must come back within 10% of its start.\n\n" + report
     )
-    write_section(f"crowd-{model}", f"Serving: an impatient crowd ({model})", f"python -m bench.crowd --model {args.model or 'default'}", body)
+    command = f"python -m bench.crowd --model {args.model or 'default'} --clients {args.clients}"
+    write_section(f"crowd-{model}-{args.clients}", f"Serving: an impatient crowd of {args.clients} ({model})", command, body)
 
 
 if __name__ == "__main__":

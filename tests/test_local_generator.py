@@ -275,6 +275,31 @@ def test_a_newcomer_joins_the_running_batch(generator):
     assert long_text == long_alone and short_text == short_alone
 
 
+def test_a_running_stream_keeps_decoding_while_a_long_prompt_is_prefilled(generator):
+    """The newcomer's prompt is ~12 prefill chunks: the running row gets tokens between them."""
+    long_prompt = [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 300}]
+    assert generator.count_prompt_tokens(long_prompt) > 2500
+
+    async def scenario():
+        arrivals: list[float] = []
+
+        async def running_row():
+            async for event in generator.stream(ESSAY, SamplingParams(max_tokens=400, temperature=0)):
+                arrivals.append(time.perf_counter())
+
+        task = asyncio.create_task(running_row())
+        while len(arrivals) < 3:
+            await asyncio.sleep(0.01)
+        submitted = time.perf_counter()
+        _, newcomer_first, _ = await timed(generator, long_prompt, SamplingParams(max_tokens=1, temperature=0))
+        task.cancel()
+        return sum(submitted < t < newcomer_first for t in arrivals)
+
+    # Prefilled in one go, the running row would get at most one token in that window.
+    assert run(scenario()) >= 6
+    assert idle_soon(generator)
+
+
 @pytest.fixture(scope="module")
 def two_slots(generator_model_path):
     from rag.local_generator import LocalGenerator

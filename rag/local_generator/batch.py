@@ -47,13 +47,15 @@ class RunningBatch:
         self._pad_id = pad_id
         self._device = models.input_device
         self.rows: list[Row] = []
+        self._prefill: _Prefill | None = None
         self.adapter: str | None = None
         self._session = contextlib.ExitStack()  # the adapter stays active while the batch runs
         self._forward: Forward | None = None
         self._reset_tensors()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Rows decoding plus rows being prefilled."""
+        return len(self.rows) + (len(self._prefill.rows) if self._prefill else 0)
 
     def _reset_tensors(self) -> None:
         self._cache = None
@@ -63,27 +65,25 @@ class RunningBatch:
 
     # -- admitting
 
-    @torch.inference_mode()
+    @property
+    def accepting(self) -> bool:
+        """Whether newcomers may be admitted now (no other prompt is half prefilled)."""
+        return self._prefill is None
+
     def admit(self, requests: list[Request]) -> list[Row]:
-        """Prefill ``requests`` (same adapter as the batch), join them; returns the rows that already left."""
+        """Start prefilling ``requests`` (same adapter as the batch; only when :attr:`accepting`);
+        each :meth:`step` runs one chunk of it. Returns the rows that already left (on an error)."""
         rows = [Row(r, self._tokenizer, self._eos_ids) for r in requests]
         try:
             if not self.rows:
                 self._start(requests[0].adapter)
-            logits, cache, mask, positions = self._prefill(requests)
-        except _Abandoned:  # every newcomer's client left during its prefill
-            for row in rows:
-                row.drop_if_cancelled()
-            if not self.rows:
-                self._stop()
-            return rows
+            self._prefill = _Prefill(rows, self._forward, self._pad_id, self._device, self._chunk)
         except Exception as exc:  # only the newcomers are affected; the running rows go on
             _fail(rows, exc)
             if not self.rows:
                 self._stop()
             return rows
-        self._join(rows, cache, mask, positions)
-        return self._advance(rows, logits)
+        return []
 
     def _start(self, adapter: str | None) -> None:
         self.adapter = adapter
@@ -96,32 +96,30 @@ class RunningBatch:
         self._forward = None
         self._reset_tensors()
 
-    def _prefill(self, requests: list[Request]):
-        """Prefill in chunks of ``prefill_chunk_tokens`` columns; between chunks, give up if every
-        newcomer was cancelled, so a client that leaves during a long prefill frees the worker soon."""
-        prompts = [r.prompt_ids for r in requests]
-        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        forward = self._forward
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + forward.prefix_tokens
-        cache = GrowingCache()
-        if forward.prefix_cache is not None:
-            cache = GrowingCache.holding(forward.prefix_cache(len(prompts)))
-            prefix_mask = torch.ones((len(prompts), forward.prefix_tokens), dtype=torch.long, device=self._device)
-            mask = torch.cat([prefix_mask, mask], dim=1)  # the prefix is attended to by every token
-        before = forward.prefix_tokens  # mask columns ahead of the prompt's
-        for start in range(0, width, self._chunk):
-            if start and all(r.cancelled for r in requests):
-                raise _Abandoned
-            end = min(width, start + self._chunk)
-            logits = forward(ids[:, start:end], mask[:, : before + end], positions[:, start:end], cache)
-        return logits, cache, mask, positions[:, -1] + 1
+    def _prefill_one_chunk(self) -> list[Row]:
+        """One chunk of the newcomers' prefill; they join the batch after their last. Returns rows that left."""
+        prefill = self._prefill
+        if prefill is None:
+            return []
+        try:
+            if prefill.abandoned:  # every newcomer's client left: free the worker now
+                for row in prefill.rows:
+                    row.drop_if_cancelled()
+                return self._end_prefill()
+            if not prefill.advance():
+                return []
+        except Exception as exc:  # only the newcomers are affected; the running rows go on
+            _fail(prefill.rows, exc)
+            return self._end_prefill()
+        self._prefill = None
+        self._join(prefill.rows, prefill.cache, prefill.mask, prefill.next_positions)
+        return self._advance(prefill.rows, prefill.logits)
+
+    def _end_prefill(self) -> list[Row]:
+        rows, self._prefill = self._prefill.rows, None
+        if not self.rows:
+            self._stop()
+        return rows
 
     def _join(self, rows: list[Row], cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         if self._cache is None:
@@ -144,9 +142,10 @@ class RunningBatch:
         if shutting_down:
             for row in self.rows:
                 row.done = True  # aclose(): stop now; leaving reports the row as unfinished
-            return self._leave(list(self.rows))
+            return self._leave(list(self.rows)) + self._close_prefill()
         # a cancelled row frees its slot before the next forward
         left = self._leave([row for row in self.rows if row.drop_if_cancelled()])
+        left += self._prefill_one_chunk()
         if not self.rows:
             return left
         try:
@@ -183,7 +182,10 @@ class RunningBatch:
         for row in leaving:
             row.close()  # rows ended without a Finished (shutdown): an error; others: a no-op
         if not self.rows:
-            self._stop()
+            if self._prefill is None:
+                self._stop()
+            else:  # the newcomers still need the adapter and the forward
+                self._reset_tensors()
             return leaving
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
         self._cache.batch_select_indices(index)
@@ -200,15 +202,74 @@ class RunningBatch:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self._mask = self._mask[:, first:]
 
+    def _close_prefill(self, error: GenerationError | None = None) -> list[Row]:
+        if self._prefill is None:
+            return []
+        rows = self._prefill.rows
+        for row in rows:
+            if error:
+                row.fail(error)
+            else:
+                row.close()  # reported as unfinished
+        return self._end_prefill()
+
     @torch.inference_mode()
     def fail_all(self, error: GenerationError) -> list[Row]:
         for row in self.rows:
             row.fail(error)
-        return self._leave(list(self.rows))
+        return self._leave(list(self.rows)) + self._close_prefill(error)
 
 
-class _Abandoned(Exception):
-    """Raised between prefill chunks when nobody waits for the newcomers any more."""
+class _Prefill:
+    """Newcomers' prompts, prefilled ``chunk`` columns per worker step.
+
+    A CPU prefill of a few thousand tokens takes seconds; run in one go it
+    would freeze every running stream for that long. One chunk per step, with
+    a decode step of the running rows between, keeps their tokens coming, and
+    a newcomer whose client left is given up at the next chunk.
+    """
+
+    def __init__(self, rows: list[Row], forward: Forward, pad_id: int, device, chunk: int) -> None:
+        self.rows = rows
+        prompts = [row.request.prompt_ids for row in rows]
+        # Left padding keeps every row's last prompt token in the last column, where decoding starts.
+        self._width = max(map(len, prompts))
+        ids = torch.full((len(prompts), self._width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self._width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, self._width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, self._width - len(prompt) :] = 1
+        self._ids, mask = ids.to(device), mask.to(device)
+        self._positions = (mask.cumsum(-1) - 1).clamp(min=0) + forward.prefix_tokens
+        self.cache = GrowingCache()
+        if forward.prefix_cache is not None:
+            self.cache = GrowingCache.holding(forward.prefix_cache(len(prompts)))
+            prefix_mask = torch.ones((len(prompts), forward.prefix_tokens), dtype=torch.long, device=device)
+            mask = torch.cat([prefix_mask, mask], dim=1)  # the prefix is attended to by every token
+        self.mask = mask
+        self._forward = forward
+        self._before = forward.prefix_tokens  # mask columns ahead of the prompt's
+        self._chunk = chunk
+        self._done = 0  # prompt columns prefilled
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return all(row.request.cancelled for row in self.rows)
+
+    @property
+    def next_positions(self) -> torch.Tensor:
+        return self._positions[:, -1] + 1
+
+    @torch.inference_mode()
+    def advance(self) -> bool:
+        """Prefill the next chunk; True once the whole prompt is in the cache."""
+        start, end = self._done, min(self._width, self._done + self._chunk)
+        self.logits = self._forward(
+            self._ids[:, start:end], self.mask[:, : self._before + end], self._positions[:, start:end], self.cache
+        )
+        self._done = end
+        return end == self._width
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -70,8 +70,8 @@ class LocalGenerator:
         self.eos_ids = eos_ids(base, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         on_gpu = self.device.startswith("cuda")
-        # CPU prefill chunks of 256 tokens take well under a second: the longest a vanished
-        # client's prefill keeps the worker (see RunningBatch._prefill)
+        # CPU prefill chunks of 256 tokens take well under a second: the longest a running
+        # stream waits for its next token while another prompt is prefilled (see _Prefill)
         running = RunningBatch(self.models, self.tokenizer, self.eos_ids, self.pad_id, 8192 if on_gpu else 256)
         self.prefill_tokens = prefill_tokens or (8192 if on_gpu else 512)
         self._batcher = Batcher(max_batch_size, queue_size, batch_wait_s, running, self.prefill_tokens)

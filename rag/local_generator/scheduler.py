@@ -70,7 +70,8 @@ class Batcher:
     """The bounded waiting list and the one worker thread that owns the model.
 
     The worker alternates between admitting waiting requests into the running
-    batch (free slots, same adapter) and one decode step of that batch.
+    batch (free slots, same adapter, no other prefill under way) and one step of
+    that batch (a chunk of the newcomers' prefill, then one decode step).
     """
 
     def __init__(
@@ -194,7 +195,7 @@ class Batcher:
 
     def _take(self, free: int) -> list[Request]:
         """Up to ``free`` waiting requests for the running batch's adapter (the oldest's when idle)."""
-        if free <= 0 or not self._waiting:
+        if free <= 0 or not self._waiting or not self._batch.accepting:
             return []
         if len(self._batch):
             adapter = self._batch.adapter
