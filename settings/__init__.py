@@ -178,8 +178,9 @@ class Settings(BaseSettings):
     generator_prefill_tokens: int | None = Field(
         None,
         ge=1,
-        description="Prompt tokens prefilled together between two decode steps (at least one request); "
-        "default 8192 on CUDA, 512 on CPU, where a prefill is compute-bound and one at a time starts answers sooner.",
+        description="Prompt tokens of the requests admitted together (at least one request); default 8192 on CUDA, "
+        "512 on CPU, where a prefill is compute-bound and one at a time starts answers sooner. Prefills run one "
+        "chunk per decode step, so running answers keep streaming.",
     )
     upstream_base_url: str | None = Field(
         None, description="An OpenAI-compatible server (e.g. vLLM) that generates instead of a local model."
