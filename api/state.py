@@ -40,6 +40,22 @@ class ServerState:
         if self.shown_paths is None:
             self.shown_paths = ShownPaths(self.settings.home, self.knowledge_bases)
 
+    @classmethod
+    def assemble(
+        cls, settings: Settings, knowledge_bases: KnowledgeBases, embedder: Embedder, generator: Generator, default_kb: str | None = None
+    ) -> "ServerState":
+        """The state around loaded models: the retriever and the chat service built on them."""
+        retriever = Retriever.from_settings(settings, knowledge_bases, embedder)
+        return cls(
+            settings=settings,
+            knowledge_bases=knowledge_bases,
+            embedder=embedder,
+            generator=generator,
+            retriever=retriever,
+            chat=ChatService(generator, retriever, settings),
+            default_kb=default_kb,
+        )
+
     def model_ids(self) -> list[str]:
         return [self.generator.model_id, *self.generator.adapters]
 
@@ -107,19 +123,10 @@ def build_state(settings: Settings, default_kb: str | None = None) -> ServerStat
     clean_leftovers(settings.home, knowledge_bases)
     embedder = load_embedder(settings)
     embedder.embed_queries(["warm-up"])  # load now, not on the first request
-    retriever = Retriever.from_settings(settings, knowledge_bases, embedder)
     generator = load_generator(settings)
     if default_kb and not knowledge_bases.exists(default_kb):
         log.warning("knowledge base %r does not exist yet: requests that name none get no retrieval until it is created", default_kb)
-    return ServerState(
-        settings=settings,
-        knowledge_bases=knowledge_bases,
-        embedder=embedder,
-        generator=generator,
-        retriever=retriever,
-        chat=ChatService(generator, retriever, settings),
-        default_kb=default_kb,
-    )
+    return ServerState.assemble(settings, knowledge_bases, embedder, generator, default_kb)
 
 
 def require_ready(request: Request) -> None:

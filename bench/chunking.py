@@ -26,7 +26,7 @@ def evaluate(size: int, overlap: int, embedder, home: Path) -> dict:
     from memory.evaluation import hit_rate, load_questions
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
-    from memory.search import search
+    from rag.retrieval import Retriever
 
     kbs = KnowledgeBases(home / f"kb-{size}-{overlap}")
     started = time.perf_counter()
@@ -39,7 +39,7 @@ def evaluate(size: int, overlap: int, embedder, home: Path) -> dict:
 
         def top(k: int):
             def retrieve(question: str) -> list[str]:
-                texts = [r.text for r in search(kb, embedder, question, top_k=k)]
+                texts = [r.text for r in Retriever(None, embedder).dense_hits(kb, question, top_k=k)]
                 context_chars.append(sum(map(len, texts)))
                 return texts
 

@@ -202,7 +202,7 @@ def dev_rows(embedder, settings, tuned, home: Path) -> tuple[list[dict], dict[st
     from memory.evaluation import hit_rate, load_questions
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
-    from memory.search import search
+    from rag.retrieval import Retriever
     from rag.retrieval import FusionWeights, Retriever
 
     kbs = KnowledgeBases(home)
@@ -216,12 +216,12 @@ def dev_rows(embedder, settings, tuned, home: Path) -> tuple[list[dict], dict[st
     try:
         for step in STEPS:
             for k in (3, 5, 8):
-                dense, _ = hit_rate(questions, lambda q: [r.text for r in search(kb, embedder, q, top_k=k, step=step)])
+                dense, _ = hit_rate(questions, lambda q: [r.text for r in Retriever(None, embedder).dense_hits(kb, q, top_k=k, step=step)])
                 merged, _ = hit_rate(questions, lambda q: [p.text for p in dense_merged.retrieve(kb, q, top_k=k, step=step)])
                 mixed, missed = hit_rate(questions, lambda q: [p.text for p in hybrid.retrieve(kb, q, top_k=k, step=step)])
                 misses[f"step {step} hybrid@{k}"] = missed
                 context = np.mean([sum(len(p.text) for p in hybrid.retrieve(kb, q.question, top_k=k, step=step)) for q in questions])
-                rows.append({"step": step, "k": k, "dense (memory.search)": f"{dense:.3f}", "dense, hits merged": f"{merged:.3f}",
+                rows.append({"step": step, "k": k, "dense (ingest search --dense-only)": f"{dense:.3f}", "dense, hits merged": f"{merged:.3f}",
                              "hybrid": f"{mixed:.3f}", "hybrid − dense": f"{mixed - dense:+.3f}",
                              "hybrid context chars": f"{context:.0f}"})
                 print(rows[-1], flush=True)

@@ -152,7 +152,7 @@ def prepare_home(home: Path, settings: Settings) -> None:
 
 def start_server(env: dict, port: int, kb: str | None = "bench-docs", extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """``rag serve`` in a subprocess, returned once ``/ready`` says so."""
-    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
+    command = [sys.executable, "-m", "cli.serve", "serve", "--port", str(port), "--log-level", "warning", *extra]
     process = subprocess.Popen(command + (["--kb", kb] if kb else []), env=env, cwd=REPO)
     wait_ready(f"http://127.0.0.1:{port}", process)
     return process

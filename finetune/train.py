@@ -8,7 +8,7 @@
     train_report.json                                steps, tokens/s per device, peak RSS, wall time, data counts
     checkpoints/checkpoint-N/                        every save_steps; --resume continues from the last one
 
-Several GPUs: ``accelerate launch --config_file finetune/accelerate.yaml -m finetune.cli train ... --deepspeed
+Several GPUs: ``accelerate launch --config_file finetune/accelerate.yaml -m cli.finetune train ... --deepspeed
 finetune/deepspeed/zero2.json`` (see docs/en/finetune.md).
 """
 

@@ -134,13 +134,14 @@ class Retriever:
     """Hybrid retrieval over named knowledge bases, built once per process.
 
     Knowledge bases are opened on first use and kept open (refreshed to the
-    latest commit on every question). Safe to call from several threads: each
+    latest commit on every question). Without ``knowledge_bases`` only opened
+    KnowledgeBase objects can be searched. Safe to call from several threads: each
     knowledge base is used by one question at a time.
     """
 
     def __init__(
         self,
-        knowledge_bases: KnowledgeBases,
+        knowledge_bases: KnowledgeBases | None,
         embedder,
         *,
         recall_k: int = 30,
@@ -217,12 +218,29 @@ class Retriever:
         with lock:
             return self._retrieve(opened, query, top_k, threshold, step)
 
+    def dense_hits(self, kb: str | KnowledgeBase, query: str, *, top_k: int | None = None, step: int | None = None) -> list[Passage]:
+        """The raw vector search, for debugging retrieval: the ``top_k`` nearest chunks by embedding alone,
+        each widened by ``step`` neighbours, not fused with BM25, thresholded or merged."""
+        top_k = self.top_k if top_k is None else top_k
+        step = self.step if step is None else step
+        if isinstance(kb, KnowledgeBase):
+            return self._dense_hits(kb, query, top_k, step)
+        opened, lock = self._knowledge_base(kb)
+        with lock:
+            return self._dense_hits(opened, query, top_k, step)
+
     def _retrieve(self, kb: KnowledgeBase, query: str, top_k: int, threshold: float, step: int) -> list[Passage]:
         kb.refresh()
         candidates = self.candidates(kb, query)
         if threshold:
             candidates = [c for c in candidates if c.cosine >= threshold]
         return merge_into_passages(kb, candidates, top_k, step, self.char_budget)
+
+    def _dense_hits(self, kb: KnowledgeBase, query: str, top_k: int, step: int) -> list[Passage]:
+        kb.refresh()
+        vector = np.asarray(self.embedder.embed_queries([query])[0], dtype=np.float32)
+        hits = [Candidate(h.chunk, h.score, h.score) for h in kb.search(vector, top_k)]
+        return [_Group.of(hit, kb.neighbourhood(hit.chunk, step, self.char_budget)).passage() for hit in hits]
 
     def _knowledge_base(self, name: str) -> tuple[KnowledgeBase, threading.Lock]:
         with self._guard:
@@ -276,6 +294,11 @@ class _Group:
     chunks: dict[int, ChunkRecord]  # by ordinal
     hits: list[Candidate]
 
+    @classmethod
+    def of(cls, hit: Candidate, chunks: list[ChunkRecord]) -> "_Group":
+        """A passage of one hit and its neighbourhood ``chunks``."""
+        return cls(hit.chunk.document_id, {c.ordinal: c for c in chunks}, [hit])
+
     def touches(self, chunks: list[ChunkRecord]) -> bool:
         low, high = min(self.chunks), max(self.chunks)
         return chunks[0].ordinal <= high + 1 and chunks[-1].ordinal >= low - 1
@@ -326,5 +349,5 @@ def merge_into_passages(
                 keeper.absorb(list(other.chunks.values()), other.hits)
                 groups.remove(other)
         elif not full:
-            groups.append(_Group(candidate.chunk.document_id, {c.ordinal: c for c in chunks}, [candidate]))
+            groups.append(_Group.of(candidate, chunks))
     return [g.passage() for g in groups]

@@ -49,21 +49,9 @@ def serving_state(settings, embedder, folders: dict[str, "Path"], default_kb: st
     from api.state import ServerState
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
-    from rag.chat import ChatService
     from rag.local_generator import LocalGenerator
-    from rag.retrieval import Retriever
 
     kbs = KnowledgeBases.from_settings(settings)
     for name, folder in folders.items():
         add_paths(kbs, name, [folder], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
-    generator = LocalGenerator.from_settings(settings)
-    retriever = Retriever.from_settings(settings, kbs, embedder)
-    return ServerState(
-        settings=settings,
-        knowledge_bases=kbs,
-        embedder=embedder,
-        generator=generator,
-        retriever=retriever,
-        chat=ChatService(generator, retriever, settings),
-        default_kb=default_kb,
-    )
+    return ServerState.assemble(settings, kbs, embedder, LocalGenerator.from_settings(settings), default_kb)

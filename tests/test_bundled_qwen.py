@@ -66,9 +66,7 @@ def qwen_server(tmp_path_factory, embedder, models_dir):
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
     from rag.bundled_generator import resolve_generator_model
-    from rag.chat import ChatService
     from rag.local_generator import LocalGenerator
-    from rag.retrieval import Retriever
     from tests.live_server import LiveServer
 
     docs = tmp_path_factory.mktemp("team-docs")
@@ -79,9 +77,7 @@ def qwen_server(tmp_path_factory, embedder, models_dir):
     add_paths(kbs, "团队手册", [docs], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
     # dtype 'auto' (bf16 on this kind of CPU) as users get it; alone in its batch, greedy decoding is deterministic
     generator = LocalGenerator(resolve_generator_model(BUNDLED_QWEN_MODEL, Settings()), dtype="auto", model_id="qwen2.5-coder-1.5b-instruct")
-    retriever = Retriever.from_settings(settings, kbs, embedder)
-    state = ServerState(settings=settings, knowledge_bases=kbs, embedder=embedder, generator=generator,
-                        retriever=retriever, chat=ChatService(generator, retriever, settings), default_kb="团队手册")
+    state = ServerState.assemble(settings, kbs, embedder, generator, default_kb="团队手册")
     with LiveServer(create_app(settings, state=state)) as live:
         yield openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
     asyncio.run(generator.aclose())

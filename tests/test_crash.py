@@ -43,7 +43,7 @@ def write_corpus(folder: Path, seed: int, files: int = FILES, sentences_each: in
 
 
 def run_cli(env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "memory.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "cli.ingest", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def run_ingest(env: dict, corpus: Path) -> subprocess.Popen:

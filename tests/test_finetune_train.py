@@ -12,7 +12,7 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from finetune.cli import app
+from cli.finetune import app
 from finetune.hparams import FinetuneConfig
 from rag.generation import SamplingParams
 
@@ -130,26 +130,15 @@ def test_merge_equals_the_adapter_and_ptuning_is_refused(trained, generator_mode
 def served(trained, ft_settings, embedder, tmp_path_factory):
     """A live server with both adapters and one knowledge base (requests name it explicitly)."""
     from api.app import create_app
-    from api.state import ServerState
-    from memory.ingestion import add_paths
-    from memory.knowledge_base import KnowledgeBases
-    from rag.chat import ChatService
-    from rag.local_generator import LocalGenerator
-    from rag.retrieval import Retriever
-    from tests.live_server import LiveServer
+    from tests.live_server import LiveServer, serving_state
 
     settings = ft_settings.model_copy(update={"generator_adapters": {m: r.out for m, r in trained.items()}})
     docs = tmp_path_factory.mktemp("ft-docs")
     (docs / "notes.md").write_text(DOC, encoding="utf-8")
-    kbs = KnowledgeBases.from_settings(settings)
-    add_paths(kbs, "notes", [docs], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
-    generator = LocalGenerator.from_settings(settings)
-    retriever = Retriever.from_settings(settings, kbs, embedder)
-    state = ServerState(settings=settings, knowledge_bases=kbs, embedder=embedder, generator=generator,
-                        retriever=retriever, chat=ChatService(generator, retriever, settings), default_kb=None)  # fmt: skip
+    state = serving_state(settings, embedder, {"notes": docs})
     with LiveServer(create_app(settings, state=state)) as live:
         yield settings, openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0), state
-    asyncio.run(generator.aclose())
+    asyncio.run(state.generator.aclose())
 
 
 def test_server_lists_and_uses_the_adapters(served):

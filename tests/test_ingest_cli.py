@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from rag.retrieval import Retriever
+
 COMMANDS = ["add", "list", "remove", "drop", "rebuild", "search"]
 
 
@@ -18,7 +20,7 @@ def cli(settings, embedder):
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "memory.cli", *args], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "cli.ingest", *args], env=env, capture_output=True, text=True, timeout=300
         )
 
     return run
@@ -31,7 +33,7 @@ def test_every_command_has_help(cli):
         assert result.returncode == 0 and "Usage" in result.stdout, command
 
 
-def test_add_list_search_remove_drop(cli, tmp_path):
+def test_add_list_search_remove_drop(cli, tmp_path, settings, embedder):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "退款.txt").write_text("购买后七天内可以申请无理由退款，退款三个工作日内原路退回。", encoding="utf-8")
@@ -60,8 +62,19 @@ def test_add_list_search_remove_drop(cli, tmp_path):
 
     found = json.loads(cli("search", "怎么退款", "--kb", "手册", "--top-k", "2", "--json").stdout)
     assert len(found) == 2 and os.path.basename(found[0]["source"]) == "退款.txt"
-    assert {"text", "source", "page", "score", "chunk_id"} <= found[0].keys()
-    assert found[0]["score"] >= found[1]["score"]
+    assert {"text", "source", "page", "score", "rank_score", "chunk_ids"} <= found[0].keys()
+    assert found[0]["rank_score"] >= found[1]["rank_score"]
+    # the same passages chat retrieves (hybrid, merged), not a second search
+    retriever = Retriever.from_settings(settings, embedder=embedder)
+    try:
+        assert found == json.loads(json.dumps([p.to_dict() for p in retriever.retrieve("手册", "怎么退款", top_k=2)]))
+    finally:
+        retriever.close()
+    dense = json.loads(cli("search", "怎么退款", "--kb", "手册", "--top-k", "2", "--dense-only", "--json").stdout)
+    assert len(dense) == 2 and all(len(p["chunk_ids"]) == 1 and p["rank_score"] == p["score"] for p in dense)
+    assert [p["score"] for p in dense] == sorted((p["score"] for p in dense), reverse=True)
+    too_strict = cli("search", "怎么退款", "--kb", "手册", "--score-threshold", "0.99", "--json")
+    assert too_strict.returncode == 0 and json.loads(too_strict.stdout) == []
 
     assert cli("remove", str(docs / "weather.md"), "--kb", "手册").returncode == 0
     documents = json.loads(cli("list", "--kb", "手册", "--json").stdout)

@@ -19,7 +19,12 @@ from memory.knowledge_base import (
     join_without_overlap,
     validate_name,
 )
-from memory.search import search
+from rag.retrieval import Retriever
+
+def dense_search(kb, embedder, query: str, top_k: int, step: int = 0):
+    """The raw vector hits of one opened knowledge base (``ingest search --dense-only``)."""
+    return Retriever(None, embedder).dense_hits(kb, query, top_k=top_k, step=step)
+
 
 REFUND = "退款政策\n\n购买后七天内可以申请无理由退款。退款会在三个工作日内原路退回到您的支付账户。如需退款，请在订单页面点击申请退款按钮。"
 WEATHER = "北京天气\n\n今天北京晴，最高气温二十五摄氏度，傍晚有微风。明天转多云，夜间可能有小雨，请注意携带雨具。"
@@ -67,7 +72,7 @@ def test_add_then_search_finds_the_right_document(kbs, docs, embedder):
     assert report.count("ingested") == 3 and report.exit_code == 0
     kb = kbs.open("default")
     try:
-        results = search(kb, embedder, "怎么申请退款？", top_k=2)
+        results = dense_search(kb, embedder, "怎么申请退款？", top_k=2)
         assert results[0].source.endswith("refund.txt")
         assert 0 < results[0].score <= 1.0
         assert results[0].score > results[1].score
@@ -208,7 +213,7 @@ def test_stale_or_missing_index_is_reconciled_on_open(kbs, docs, embedder):
     try:
         assert kb.check_consistency() == []
         assert len(kb.index) == kb.store.chunk_count()
-        assert search(kb, embedder, "显卡性能状态", top_k=1)[0].source.endswith("gpu.txt")
+        assert dense_search(kb, embedder, "显卡性能状态", top_k=1)[0].source.endswith("gpu.txt")
     finally:
         kb.close()
 
@@ -248,7 +253,7 @@ def test_rebuild_switches_embedder_atomically(kbs, docs, embedder, settings, tmp
     kb = kbs.open("default")
     try:
         assert kb.check_consistency() == []
-        assert search(kb, other, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
+        assert dense_search(kb, other, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
     finally:
         kb.close()
 
@@ -259,11 +264,11 @@ def test_neighbour_expansion_joins_without_overlap(kbs, tmp_path, embedder):
     add_paths(kbs, "long", [tmp_path / "long.txt"], embedder, chunk_size=60, chunk_overlap=15)
     kb = kbs.open("long")
     try:
-        hit = search(kb, embedder, "第20句话讲的是编号为20的主题内容", top_k=1)[0]
-        widened = kb.expand(kb.store.chunks([hit.chunk_id])[hit.chunk_id], step=1, char_budget=10_000)
+        hit = dense_search(kb, embedder, "第20句话讲的是编号为20的主题内容", top_k=1)[0]
+        widened = kb.expand(kb.store.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=1, char_budget=10_000)
         assert len(widened) > len(hit.text)
         assert widened in text  # overlap removed exactly: the joined text is a real span of the document
-        assert len(kb.expand(kb.store.chunks([hit.chunk_id])[hit.chunk_id], step=3, char_budget=70)) <= 70
+        assert len(kb.expand(kb.store.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=3, char_budget=70)) <= 70
     finally:
         kb.close()
 
@@ -296,7 +301,7 @@ def test_readers_are_not_blocked_by_a_writer_mid_transaction(kbs, docs, embedder
         reader = kbs.open("default")
         try:
             assert reader.store.chunk_count() > 0
-            assert search(reader, embedder, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
+            assert dense_search(reader, embedder, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
         finally:
             reader.close()
             writer.store.conn.execute("ROLLBACK")
@@ -316,7 +321,7 @@ def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder):
     try:
         assert kb.check_consistency() == []
         assert all(d.chunk_count > 0 for d in kb.store.documents())
-        hits = search(kb, embedder, "怎么申请退款？", top_k=4)
+        hits = dense_search(kb, embedder, "怎么申请退款？", top_k=4)
         assert {h.source.rsplit("/", 1)[1] for h in hits} <= {"f1.txt", "f3.txt", "f5.txt", "f7.txt"}
     finally:
         kb.close()

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 def rag(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "400"}  # rich wraps error boxes at the terminal width
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-m", "cli.serve", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_help_lists_the_flags():

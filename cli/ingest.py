@@ -1,6 +1,5 @@
 """The ``ingest`` command: build, inspect and search knowledge bases.
 
-It lives in memory/ because it writes knowledge bases (ingest/ only reads files).
 Exit codes: 0 success, 1 some files failed (the rest were ingested) or the
 knowledge base is busy, 2 usage errors (bad names, unknown knowledge base,
 mismatched embedder, bad options).
@@ -11,31 +10,30 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
+from rich.text import Text
 
+from cli.errors import err, user_errors
+from cli.progress import progress_bars
 from memory.embedding import EmbeddingModelNotFound, load_embedder
 from memory.ingestion import IngestReport, Progress, add_paths, check_compatible, rebuild, remove_paths
 from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBases, validate_name
-from memory.search import search as search_kb
 from memory.torch_device import run_and_exit
+from rag.retrieval import Retriever
 from settings import Settings
 
 app = typer.Typer(
-    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in, FAISS + SQLite out.",
+    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in, FAISS + BM25 + SQLite out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 # pdfminer logs every repaired stream; the per-file outcome is what users need.
 logging.getLogger("pdfminer").setLevel(logging.ERROR)
 
@@ -43,25 +41,8 @@ KbOption = Annotated[Optional[str], typer.Option("--kb", help="Knowledge-base na
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
-@contextmanager
-def user_errors():
-    """Turn known errors into one clear line and the documented exit code, never a traceback."""
-    try:
-        yield
-    except KnowledgeBaseBusy as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1)
-    except (KnowledgeBaseError, EmbeddingModelNotFound) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
-    except ValidationError as exc:
-        for problem in exc.errors():
-            field = ".".join(str(p) for p in problem["loc"]) or "settings"
-            err.print(f"[red]error:[/red] {field}: {problem['msg']}")
-        raise typer.Exit(2)
-    except SettingsError as exc:  # e.g. a list setting in the environment that is not JSON
-        err.print(f"[red]error:[/red] settings: {exc}")
-        raise typer.Exit(2)
+# A busy knowledge base is worth a retry (1); the rest are usage errors (2).
+KNOWN_ERRORS = {KnowledgeBaseBusy: 1, (KnowledgeBaseError, EmbeddingModelNotFound): 2}
 
 
 def load_settings(**overrides) -> Settings:
@@ -104,17 +85,6 @@ class BarProgress(Progress):
         self.bars.update(self.chunks, advance=count)
 
 
-def progress_bars() -> RichProgress:
-    return RichProgress(
-        TextColumn("{task.description:<48}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-
-
 @app.command()
 def add(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursively) to ingest.", exists=True)],
@@ -126,7 +96,7 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
-    with user_errors():
+    with user_errors(KNOWN_ERRORS):
         settings = load_settings(chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
         name = validate_name(settings.default_kb if kb is None else kb)
         kbs = KnowledgeBases.from_settings(settings)
@@ -150,20 +120,23 @@ def print_report(report: IngestReport, name: str, as_json: bool) -> None:
         print(json.dumps([o.__dict__ for o in report.outcomes], ensure_ascii=False, indent=2))
         return
     err.print(
-        f"[bold]{name}[/bold]: {report.count('ingested')} ingested, {report.count('unchanged')} unchanged, "
-        f"{report.count('skipped')} skipped, {report.count('removed')} removed, {len(report.failed)} failed"
+        Text(name, style="bold")
+        + Text(
+            f": {report.count('ingested')} ingested, {report.count('unchanged')} unchanged, "
+            f"{report.count('skipped')} skipped, {report.count('removed')} removed, {len(report.failed)} failed"
+        )
     )
     for outcome in report.failed:
-        err.print(f"  [red]failed[/red] {outcome.path}: {outcome.error}")
+        err.print(Text("  failed ", style="red") + Text(f"{outcome.path}: {outcome.error}"))
     for outcome in report.outcomes:
         if outcome.outcome == "skipped":
-            err.print(f"  [yellow]skipped[/yellow] {outcome.path}: {outcome.error}")
+            err.print(Text("  skipped ", style="yellow") + Text(f"{outcome.path}: {outcome.error}"))
 
 
 @app.command("list")
 def list_(kb: KbOption = None, as_json: JsonOption = False) -> None:
     """List knowledge bases, or the documents of one (--kb) with status, chunk count and error."""
-    with user_errors():
+    with user_errors(KNOWN_ERRORS):
         settings = load_settings()
         kbs = KnowledgeBases.from_settings(settings)
         rows = list_documents(kbs, validate_name(kb)) if kb is not None else list_knowledge_bases(kbs)
@@ -208,7 +181,7 @@ def remove(
     as_json: JsonOption = False,
 ) -> None:
     """Remove documents from a knowledge base (the files themselves are not touched)."""
-    with user_errors():
+    with user_errors(KNOWN_ERRORS):
         settings = load_settings()
         removed = remove_paths(KnowledgeBases.from_settings(settings), validate_name(kb), paths)
     if as_json:
@@ -223,7 +196,7 @@ def drop(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a knowledge base and everything in it."""
-    with user_errors():
+    with user_errors(KNOWN_ERRORS):
         settings = load_settings()
         kbs = KnowledgeBases.from_settings(settings)
         kbs.manifest(validate_name(kb))
@@ -239,7 +212,7 @@ def rebuild_(
     embedding_model: Annotated[Optional[str], typer.Option(help="Re-embed with this model (default: the configured one).")] = None,
 ) -> None:
     """Re-embed every chunk of a knowledge base, e.g. after changing the embedding model."""
-    with user_errors():
+    with user_errors(KNOWN_ERRORS):
         settings = load_settings(embedding_model=embedding_model)
         kbs = KnowledgeBases.from_settings(settings)
         name = validate_name(kb)
@@ -256,36 +229,36 @@ def search(
     kb: KbOption = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="How many passages.")] = None,
     step: Annotated[Optional[int], typer.Option(help="Neighbouring chunks joined on each side of a hit.")] = None,
+    score_threshold: Annotated[Optional[float], typer.Option(help="Drop hits whose cosine is below this (0: off).")] = None,
+    dense_only: Annotated[bool, typer.Option("--dense-only", help="Raw vector hits: no BM25, threshold or merging.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Search a knowledge base. Scores are cosine similarities: higher is better, 1.0 is identical."""
-    with user_errors():
-        settings = load_settings(top_k=top_k, step=step)
+    """Search a knowledge base exactly as chat does: hybrid recall, fusion, threshold, merged passages.
+
+    ``score`` is the best cosine similarity of a passage's hits (higher is closer, 1.0 is identical);
+    ``rank_score`` is what ordered the passages.
+    """
+    with user_errors(KNOWN_ERRORS):
+        settings = load_settings(top_k=top_k, step=step, score_threshold=score_threshold)
         name = validate_name(settings.default_kb if kb is None else kb)
         kbs = KnowledgeBases.from_settings(settings)
         kbs.manifest(name)
-        embedder = embedder_for(kbs, name, settings)
-        knowledge_base = kbs.open(name)
+        retriever = Retriever.from_settings(settings, kbs, embedder_for(kbs, name, settings))
         try:
-            results = search_kb(
-                knowledge_base,
-                embedder,
-                query,
-                top_k=settings.top_k,
-                step=settings.step,
-                char_budget=settings.neighbour_char_budget,
-            )
+            passages = retriever.dense_hits(name, query) if dense_only else retriever.retrieve(name, query)
         finally:
-            knowledge_base.close()
+            retriever.close()
     if as_json:
-        print(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
+        print(json.dumps([p.to_dict() for p in passages], ensure_ascii=False, indent=2))
         return
     console = Console()
-    for rank, result in enumerate(results, 1):
-        where = Path(result.source).name + (f" p.{result.page}" if result.page else "")
-        console.print(f"[bold]{rank}. {where}[/bold]  score {result.score:.3f}")
-        console.print(result.text.strip(), markup=False, highlight=False)
+    for rank, passage in enumerate(passages, 1):
+        where = Path(passage.source).name + (f" p.{passage.page}" if passage.page else "")
+        console.print(Text(f"{rank}. {where}", style="bold") + Text(f"  score {passage.score:.3f}"))
+        console.print(passage.text.strip(), markup=False, highlight=False)
         console.print()
+    if not passages:
+        err.print("no passage reached the score threshold" if settings.score_threshold and not dense_only else "nothing found")
 
 
 def main() -> None:
@@ -293,5 +266,5 @@ def main() -> None:
     run_and_exit(app)
 
 
-if __name__ == "__main__":  # python -m memory.cli
+if __name__ == "__main__":  # python -m cli.ingest
     main()

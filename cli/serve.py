@@ -1,7 +1,5 @@
-"""The ``rag`` command: ``rag serve`` starts the OpenAI-compatible server.
-
-It lives in api/ because serving is HTTP; retrieval and generation come from rag/.
-"""
+"""The ``rag`` command: ``rag serve`` starts the OpenAI-compatible server (api/), with retrieval and
+generation from rag/. Exit code 2: bad options, settings or models."""
 
 from __future__ import annotations
 
@@ -10,12 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-from rich.console import Console
 
+from cli.errors import UsageError, err, user_errors
+from memory.embedding import EmbeddingModelNotFound, resolve_embedding_model
 from memory.knowledge_base import KnowledgeBaseError, validate_name
 from memory.torch_device import run_and_exit
+from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
 from settings import Settings
 
 app = typer.Typer(
@@ -24,7 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 
 
 def parse_adapters(values: list[str]) -> dict[str, Path]:
@@ -44,16 +41,9 @@ def parse_adapters(values: list[str]) -> dict[str, Path]:
 
 def check_models(settings: Settings) -> None:
     """Find (or materialise) both models now, so a wrong path is a clear error, not a server that never gets ready."""
-    from memory.embedding import EmbeddingModelNotFound, resolve_embedding_model
-    from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
-
-    try:
-        resolve_embedding_model(settings.embedding_model, settings)
-        if not settings.upstream_base_url:
-            resolve_generator_model(settings.generator_model, settings)
-    except (EmbeddingModelNotFound, GeneratorModelNotFound) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+    resolve_embedding_model(settings.embedding_model, settings)
+    if not settings.upstream_base_url:
+        resolve_generator_model(settings.generator_model, settings)
 
 
 @app.callback()
@@ -78,21 +68,14 @@ def serve(
         if value is not None
     }
     adapters = parse_adapters(adapter)
-    try:
+    with user_errors({(EmbeddingModelNotFound, GeneratorModelNotFound): 2}):
         settings = Settings(**overrides, **({"generator_adapters": adapters} if adapters else {}))
         if kb is not None:
-            validate_name(kb)
-    except ValidationError as exc:
-        for problem in exc.errors():
-            err.print(f"[red]error:[/red] {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
-        raise typer.Exit(2)
-    except SettingsError as exc:  # e.g. ZHIKU_API_KEYS=sk-1 instead of '["sk-1"]'
-        err.print(f"[red]error:[/red] settings: {exc}")
-        raise typer.Exit(2)
-    except KnowledgeBaseError as exc:
-        err.print(f"[red]error:[/red] --kb: {exc}")
-        raise typer.Exit(2)
-    check_models(settings)
+            try:
+                validate_name(kb)
+            except KnowledgeBaseError as exc:
+                raise UsageError(f"--kb: {exc}") from None
+        check_models(settings)
 
     import uvicorn
 

@@ -12,18 +12,18 @@ import json
 import logging
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cli.errors import err, print_error, user_errors
+from cli.progress import progress_bars
+from finetune.data import DataError
+from finetune.model import FinetuneError
 from memory.torch_device import run_and_exit
 from settings import Settings
 
@@ -33,7 +33,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
@@ -48,35 +47,8 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()  # the "Loading weights" bars; ours are on stderr
 
 
-@contextmanager
-def user_errors():
-    """Known errors → one line on stderr and exit code 2."""
-    from finetune.data import DataError
-    from finetune.model import FinetuneError
-
-    try:
-        yield
-    except (FinetuneError, DataError) as exc:
-        err.print(f"error: {exc}", style="red", markup=False)
-        raise typer.Exit(2)
-    except ValidationError as exc:
-        for problem in exc.errors():
-            field = ".".join(str(p) for p in problem["loc"]) or "config"
-            err.print(f"error: {field}: {problem['msg']}", style="red", markup=False)
-        raise typer.Exit(2)
-    except SettingsError as exc:
-        err.print(f"error: settings: {exc}", style="red", markup=False)
-        raise typer.Exit(2)
-    except ValueError as exc:  # e.g. --config problems
-        err.print(f"error: {exc}", style="red", markup=False)
-        raise typer.Exit(2)
-
-
-def bars() -> Progress:
-    return Progress(
-        TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err, transient=True,
-    )  # fmt: skip
+# ValueError: e.g. a --config file that does not parse
+KNOWN_ERRORS = {(FinetuneError, DataError, ValueError): 2}
 
 
 @app.callback()
@@ -131,10 +103,10 @@ def train(
         use_dora=use_dora, num_virtual_tokens=num_virtual_tokens, precision=precision, save_steps=save_steps,
         logging_steps=logging_steps, loss_log=loss_log, deepspeed=deepspeed, seed=seed, resume=resume or None,
     )  # fmt: skip
-    with user_errors():
+    with user_errors(KNOWN_ERRORS, settings_field="config"):
         cfg = load_config(config, overrides)
         settings = Settings()
-        with bars() as progress:
+        with progress_bars() as progress:
             task = progress.add_task(f"training {cfg.method}", total=None)
 
             def on_progress(step: int, total: int, logs: dict) -> None:
@@ -172,10 +144,10 @@ def build_rag_data(
 ) -> None:
     """Turn question/answer pairs into samples whose system message is exactly what `rag serve` would send."""
     from finetune.evaluate import _retriever
-    from finetune.model import FinetuneError, resolve_base
+    from finetune.model import resolve_base
     from finetune.rag_data import TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
 
-    with user_errors():
+    with user_errors(KNOWN_ERRORS, settings_field="config"):
         if out.exists() and not force:
             raise FinetuneError(f"--out {out} exists; add --force to overwrite it")
         settings = Settings()
@@ -185,7 +157,7 @@ def build_rag_data(
         counter = TemplateCounter(resolve_base(base, settings))
         retriever = _retriever(settings, kb)
         texts = {k: v for k, v in {"en": no_answer_text_en, "zh": no_answer_text_zh}.items() if v}
-        with bars() as progress:
+        with progress_bars() as progress:
             task = progress.add_task("retrieving", total=len(pairs))
             records, report = build_rag_samples(
                 pairs, kb, counter, retriever, settings, no_answer_share=no_answer_share, no_answer_text=texts,
@@ -212,17 +184,17 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into full safetensors weights (with the tokenizer); P-Tuning adapters cannot be merged."""
     from finetune.merge import merge as run_merge
-    from finetune.model import FinetuneError, resolve_base
+    from finetune.model import resolve_base
 
-    with user_errors():
+    with user_errors(KNOWN_ERRORS, settings_field="config"):
         base_path = resolve_base(base or _recorded_base(adapter), Settings())
-        with bars() as progress:
+        with progress_bars() as progress:
             progress.add_task("merging and checking logits", total=None)
             try:
                 result = run_merge(base_path, adapter, out, tolerance)
             except FinetuneError as exc:
                 if "logits differ" in str(exc):
-                    err.print(f"error: {exc}", style="red", markup=False)
+                    print_error(str(exc))
                     raise typer.Exit(1)
                 raise
     if as_json:
@@ -235,7 +207,6 @@ def merge(
 
 
 def _recorded_base(adapter: Path) -> str | None:
-    from finetune.model import FinetuneError
 
     path = adapter / "adapter_config.json"
     if not path.is_file():
@@ -260,11 +231,11 @@ def eval_(
     """ROUGE-L, answer-contains and says-it-doesn't-know rates of the base and adapters, side by side."""
     from finetune.evaluate import eval_items, evaluate
     from finetune.data import load_samples
-    from finetune.model import FinetuneError, resolve_base
+    from finetune.model import resolve_base
     from memory.knowledge_base import KnowledgeBaseError, validate_name
     from rag.generation import SamplingParams
 
-    with user_errors():
+    with user_errors(KNOWN_ERRORS, settings_field="config"):
         settings = Settings()
         if kb:
             try:
@@ -280,7 +251,7 @@ def eval_(
         if no_base and not names:
             raise FinetuneError("--no-base needs at least one --adapter")
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-        with bars() as progress:
+        with progress_bars() as progress:
             tasks: dict[str, int] = {}
 
             def on_answer(model: str, done: int, total: int) -> None:
