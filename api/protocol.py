@@ -107,13 +107,31 @@ class Usage(BaseModel):
 
 
 class SourcePassage(BaseModel):
-    """zhiku extension: a passage sent to the model as ``[index]``."""
+    """zhiku extension: a retrieved passage, as chat sends it to the model (``[index]``) and search shows it."""
 
-    index: int
-    source: str
-    page: int | None
-    score: float = Field(description="Cosine similarity to the query, in [-1, 1]; higher is closer.")
+    index: int = Field(description="1-based; chat answers cite it as [index].")
+    source: str = Field(description="The upload name, or the path relative to the ingested folder.")
+    page: int | None = Field(description="First PDF page (1-based); null for text files.")
+    pages: list[int] = Field(description="Every PDF page the passage spans.")
+    score: float = Field(description="Best cosine similarity of its hits to the query, in [-1, 1]; higher is closer.")
     text: str
+
+    @classmethod
+    def of(cls, index: int, passage, shown_source) -> "SourcePassage":
+        """From a ``rag.retrieval.Passage``; ``shown_source`` maps its absolute path to what a client may see."""
+        return cls(
+            index=index,
+            source=shown_source(passage.source),
+            page=passage.page,
+            pages=list(passage.pages),
+            score=round(float(passage.score), 6),
+            text=passage.text,
+        )
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SourcePassage]
 
 
 class AssistantMessage(BaseModel):

@@ -83,7 +83,7 @@ class _Passage:
 
 # ---- the systems (each in its own subprocess) ------------------------------------------
 def run_zhiku(args) -> dict:
-    from rag.bundled_generator import resolve_generator_model
+    from models.bundled_generator import resolve_generator_model
     from rag.generation import Finished, SamplingParams, TextDelta
     from rag.local_generator import LocalGenerator
     from settings import BUNDLED_QWEN_MODEL, Settings
@@ -138,7 +138,7 @@ def prompt_nll(generator, chats: list[list[dict]]) -> float:
 def run_llama(args) -> dict:
     from llama_cpp import Llama
 
-    from rag.bundled_generator import assemble_qwen_gguf, resolve_generator_model
+    from models.bundled_generator import assemble_qwen_gguf, resolve_generator_model
     from rag.chat_template import load_chat_tokenizer, render_chat
     from settings import BUNDLED_QWEN_MODEL, Settings
 
@@ -313,7 +313,7 @@ def main() -> None:
     same = sum(a["text"] == b["text"] for a, b in zip(results["zhiku"]["alone"], results["zhiku-int8"]["alone"]))
     print(f"int8 greedy answers identical to bf16's: {same} of {len(results['zhiku']['alone'])}")
     if args.http:
-        from rag.bundled_generator import assemble_qwen_gguf, resolve_generator_model
+        from models.bundled_generator import assemble_qwen_gguf, resolve_generator_model
         from rag.chat_template import load_chat_tokenizer
         from settings import BUNDLED_QWEN_MODEL, Settings
 

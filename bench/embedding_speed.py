@@ -7,7 +7,7 @@
   English: English has far fewer tokens per character, so character order puts
   texts of very different token counts in one padded batch.
 * Packed weights: on a CPU with fast bf16, zhiku runs the linears on
-  oneDNN-packed weights (memory.cpu_linear) instead of ``nn.Linear``.
+  oneDNN-packed weights (models.cpu_linear) instead of ``nn.Linear``.
 
 Both ways run in the same process, alternating round by round so that drift in
 the machine's speed hits both; each cell is the median of the rounds. Writes
@@ -89,7 +89,7 @@ def main() -> None:
         }
     ]
     if embedder.device == "cpu" and embedder.dtype == "bfloat16":
-        with mock.patch("memory.cpu_linear.pack_linear_layers", return_value=0):
+        with mock.patch("models.cpu_linear.pack_linear_layers", return_value=0):
             unpacked = load_embedder(settings)
             unpacked.embed_passages(texts[:32])
         rows.append(

@@ -27,7 +27,7 @@ import torch
 
 from bench.insuranceqa import load
 from bench.report import markdown_table, write_section
-from memory.torch_device import cpu_has_fast_bf16
+from models.torch_device import cpu_has_fast_bf16
 from rag.generation import Finished, SamplingParams
 from rag.chat_template import encode_chat
 from rag.local_generator import LocalGenerator

@@ -178,7 +178,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(CHILDREN[args.child](args.files, args.home)), flush=True)
         if args.child == "zhiku":  # it ends as the `ingest` command does
-            from memory.torch_device import run_and_exit
+            from models.torch_device import run_and_exit
 
             run_and_exit(lambda: None)
         return
@@ -217,7 +217,7 @@ def main() -> None:
         "Peak RSS is each run's own peak plus the peak of its child processes (zhiku parses files in one), "
         "an upper bound on what it held at once. Wall time is the whole process, start to exit; zhiku's run ends "
         "as the `ingest` command does, without the 2 s interpreter teardown that torch's modules cost "
-        "(memory.torch_device.run_and_exit), the reference as a script does.\n"
+        "(models.torch_device.run_and_exit), the reference as a script does.\n"
     )
     print(body)
     write_section("ingest_compare", "Ingest: zhiku vs LangChain reference", "python -m bench.ingest_compare", body)

@@ -24,7 +24,7 @@ from cli.errors import err, print_error, user_errors
 from cli.progress import progress_bars
 from finetune.data import DataError
 from finetune.model import FinetuneError
-from memory.torch_device import run_and_exit
+from models.torch_device import run_and_exit
 from settings import Settings
 
 app = typer.Typer(

@@ -24,7 +24,7 @@ from cli.progress import progress_bars
 from memory.embedding import EmbeddingModelNotFound, load_embedder
 from memory.ingestion import IngestReport, Progress, add_paths, check_compatible, rebuild, remove_paths
 from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBases, validate_name
-from memory.torch_device import run_and_exit
+from models.torch_device import run_and_exit
 from rag.retrieval import Retriever
 from settings import Settings
 

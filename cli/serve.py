@@ -12,8 +12,8 @@ import typer
 from cli.errors import UsageError, err, user_errors
 from memory.embedding import EmbeddingModelNotFound, resolve_embedding_model
 from memory.knowledge_base import KnowledgeBaseError, validate_name
-from memory.torch_device import run_and_exit
-from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
+from models.torch_device import run_and_exit
+from models.bundled_generator import GeneratorModelNotFound, resolve_generator_model
 from settings import Settings
 
 app = typer.Typer(

@@ -1,7 +1,7 @@
 """The base model and its trainable adapter (peft LoRA or prefix tuning = P-Tuning v2).
 
 The base is found the way ``rag serve`` finds its generator
-(:func:`rag.bundled_generator.resolve_generator_model`: a folder, a cached hub
+(:func:`models.bundled_generator.resolve_generator_model`: a folder, a cached hub
 id, or the bundled SmolLM2), and its tokenizer is loaded by the same loader as
 the server's, so the chat template is the same one.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.hparams import FinetuneConfig
-from rag.bundled_generator import resolve_generator_model
+from models.bundled_generator import resolve_generator_model
 from settings import Settings
 
 
@@ -24,7 +24,7 @@ class FinetuneError(Exception):
 
 def resolve_base(base: str | None, settings: Settings) -> Path:
     """The base model folder; default: the generator the server would use."""
-    from rag.bundled_generator import GeneratorModelNotFound
+    from models.bundled_generator import GeneratorModelNotFound
 
     try:
         return resolve_generator_model(base or settings.generator_model, settings)

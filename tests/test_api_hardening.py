@@ -6,7 +6,6 @@ keys that saw every knowledge base, absolute server paths in responses."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -40,14 +39,13 @@ def state(tmp_path_factory, models_dir, embedder):
         default_max_tokens=8,
         max_upload_bytes=UPLOAD_LIMIT,
     )
-    state = serving_state(settings, embedder, {"手册": docs, "other": other}, default_kb="手册")
-    yield state
-    asyncio.run(state.generator.aclose())
+    with serving_state(settings, embedder, {"手册": docs, "other": other}, default_kb="手册") as state:
+        yield state
 
 
 @pytest.fixture(scope="module")
 def server(state):
-    with LiveServer(create_app(state.settings, state=state)) as live:
+    with LiveServer.serving(state) as live:
         yield live
 
 

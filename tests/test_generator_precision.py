@@ -14,7 +14,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 def test_auto_precision_follows_the_cpu():
     from memory.embedding import resolve_dtype
-    from memory.torch_device import cpu_has_fast_bf16
+    from models.torch_device import cpu_has_fast_bf16
     from rag.local_generator import generator_dtype
 
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()

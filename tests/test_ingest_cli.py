@@ -102,9 +102,9 @@ def test_usage_errors_exit_2_with_a_clear_message(cli, tmp_path):
     [("raise SystemExit(3)", 3, ""), ("raise SystemExit('bad input')", 1, "bad input"), ("pass", 0, "")],
 )
 def test_commands_that_loaded_torch_exit_with_their_code_and_all_their_output(ending, code, stderr):
-    # memory.torch_device.run_and_exit skips interpreter teardown once torch is loaded
+    # models.torch_device.run_and_exit skips interpreter teardown once torch is loaded
     script = (
-        "import torch\nfrom memory.torch_device import run_and_exit\n"
+        "import torch\nfrom models.torch_device import run_and_exit\n"
         f"def app():\n    print('字' * 200_000)\n    {ending}\nrun_and_exit(app)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=120)

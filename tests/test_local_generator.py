@@ -54,7 +54,7 @@ def run(coro):
 
 
 def test_bundled_folder_is_complete_and_idempotent(generator_model_path, models_dir):
-    from rag.bundled_generator import is_materialised, materialise_bundled_generator
+    from models.bundled_generator import is_materialised, materialise_bundled_generator
 
     assert is_materialised(generator_model_path)
     marker = json.loads((generator_model_path / "zhiku.json").read_text())
@@ -68,7 +68,7 @@ def test_bundled_folder_is_complete_and_idempotent(generator_model_path, models_
 
 
 def test_resolve_rejects_unknown_names(settings):
-    from rag.bundled_generator import GeneratorModelNotFound, resolve_generator_model
+    from models.bundled_generator import GeneratorModelNotFound, resolve_generator_model
 
     with pytest.raises(GeneratorModelNotFound, match="(?s)no-such/model.*ZHIKU_GENERATOR_MODEL"):
         resolve_generator_model("no-such/model", settings)

@@ -11,12 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 # each room and the rooms it may import (settings is everyone's)
 UPSTREAM = {
     "settings": set(),
-    "ingest": {"settings"},
-    "memory": {"settings", "ingest"},
-    "rag": {"settings", "ingest", "memory"},
-    "api": {"settings", "ingest", "memory", "rag"},
-    "finetune": {"settings", "ingest", "memory", "rag"},
-    "cli": {"settings", "ingest", "memory", "rag", "api", "finetune"},
+    "models": {"settings"},
+    "ingest": {"settings", "models"},
+    "memory": {"settings", "models", "ingest"},
+    "rag": {"settings", "models", "ingest", "memory"},
+    "api": {"settings", "models", "ingest", "memory", "rag"},
+    "finetune": {"settings", "models", "ingest", "memory", "rag"},
+    "cli": {"settings", "models", "ingest", "memory", "rag", "api", "finetune"},
 }
 
 

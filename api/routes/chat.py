@@ -151,16 +151,7 @@ def _sources(prepared: PreparedChat, state: ServerState) -> list[SourcePassage]:
     if not prepared.passages:
         return []
     shown = state.shown_paths.for_kb(prepared.knowledge_base)
-    return [
-        SourcePassage(
-            index=i,
-            source=shown(p.source),
-            page=p.pages[0] if p.pages else None,
-            score=round(float(p.score), 6),
-            text=p.text,
-        )
-        for i, p in enumerate(prepared.passages, 1)
-    ]
+    return [SourcePassage.of(i, p, shown) for i, p in enumerate(prepared.passages, 1)]
 
 
 def _usage(finishes: list[Finished]) -> Usage:

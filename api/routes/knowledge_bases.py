@@ -18,7 +18,7 @@ from fastapi import Path as PathParam
 
 from api.auth import access_of, require_admin, require_key, require_write
 from api.errors import APIError, error_responses
-from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch
+from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch, SearchResponse, SourcePassage
 from api.state import ServerState, require_ready
 from api.uploads import stage, staging_area, upload_dir
 from memory.ingestion import add_paths, manifest_for, remove_paths
@@ -153,19 +153,13 @@ async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Requ
 
 
 @router.post("/{kb}/search")
-async def search(kb: KnowledgeBaseName, body: KnowledgeBaseSearch, request: Request) -> dict:
+async def search(kb: KnowledgeBaseName, body: KnowledgeBaseSearch, request: Request) -> SearchResponse:
     state = _state(request)
     state.require_searchable_kb(kb, param="kb", access=access_of(request))
     threshold = state.settings.score_threshold if body.score_threshold is None else body.score_threshold
     passages = await _run(state.retriever.retrieve, kb, body.query, top_k=body.top_k, score_threshold=threshold)
     shown = await _run(state.shown_paths.for_kb, kb)
-    return {
-        "object": "list",
-        "data": [
-            {"index": i, "source": shown(p.source), "page": p.pages[0] if p.pages else None, "pages": list(p.pages), "score": p.score, "text": p.text}
-            for i, p in enumerate(passages, 1)
-        ],
-    }
+    return SearchResponse(data=[SourcePassage.of(i, p, shown) for i, p in enumerate(passages, 1)])
 
 
 def validate_kb_name(name: str) -> None:

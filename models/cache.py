@@ -4,6 +4,7 @@ the generator (rag/)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,12 @@ MARKER_FILE = "zhiku.json"
 
 class NotInCache(LookupError):
     """A hub id that is not in the local Hugging Face cache."""
+
+
+def pinned_sha256(path: Path) -> str:
+    """Hex sha256 of a downloaded wheel or an assembled model file, to compare with its pin."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def hf_cache_dir() -> str | None:
