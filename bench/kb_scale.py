@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from bench.report import markdown_table, write_section
-from memory.chunk_store import NewChunk
+from ingest.pipeline import IndexableChunk
 from memory.knowledge_base import DocumentUpdate, KnowledgeBases, Manifest
 from settings import Settings
 
@@ -45,10 +45,10 @@ def fill(kbs: KnowledgeBases, chunks: int, per_document: int, rng, centres) -> f
             for doc in range(first, min(first + per_document * 50, chunks), per_document):
                 vectors = clustered(rng, centres, per_document)
                 new = tuple(
-                    NewChunk(o, f"文档{doc}第{o}块", hashlib.sha256(f"{doc}-{o}".encode()).hexdigest(), (1,), o * 320, o * 320 + 400, v)
-                    for o, v in enumerate(vectors)
+                    IndexableChunk(o, f"文档{doc}第{o}块", hashlib.sha256(f"{doc}-{o}".encode()).hexdigest(), (1,), o * 320, o * 320 + 400)
+                    for o in range(len(vectors))
                 )
-                updates.append(DocumentUpdate(f"/synthetic/doc{doc:07d}.txt", "0" * 64, 1, "ok", None, new))
+                updates.append(DocumentUpdate(f"/synthetic/doc{doc:07d}.txt", "0" * 64, 1, "ok", None, new, vectors))
             kb.put_documents(updates)
             done = min(first + per_document * 50, chunks)
             if done % 100_000 < per_document * 50:

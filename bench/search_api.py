@@ -24,8 +24,7 @@ import numpy as np
 from bench import insuranceqa
 from bench.report import markdown_table, write_section
 from bench.serve_load import start_server
-from memory.chunk_store import NewChunk
-from memory.ingestion import text_sha256
+from ingest.pipeline import IndexableChunk, text_sha256
 from memory.knowledge_base import DocumentUpdate, KnowledgeBases, Manifest
 from settings import BUNDLED_EMBEDDING_MODEL, Settings
 
@@ -47,10 +46,10 @@ def fill(settings: Settings, chunks: int, per_document: int = 50) -> float:
                 picks = centres[rng.integers(0, len(centres), per_document)] + rng.normal(0, 0.05, (per_document, DIM))
                 vectors = (picks / np.linalg.norm(picks, axis=1, keepdims=True)).astype(np.float32)
                 new = []
-                for o, vector in enumerate(vectors):
+                for o in range(len(vectors)):
                     text = f"{texts[(doc + o) % len(texts)]} ({doc}-{o})"
-                    new.append(NewChunk(o, text, text_sha256(text), (1,), o * 500, o * 500 + len(text), vector))
-                updates.append(DocumentUpdate(f"/synthetic/doc{doc:06d}.txt", "0" * 64, 1, "ok", None, tuple(new)))
+                    new.append(IndexableChunk(o, text, text_sha256(text), (1,), o * 500, o * 500 + len(text)))
+                updates.append(DocumentUpdate(f"/synthetic/doc{doc:06d}.txt", "0" * 64, 1, "ok", None, tuple(new), vectors))
             kb.put_documents(updates)
             print(f"  {min(first + per_document * 40, chunks):,} chunks, {time.perf_counter() - started:.0f} s", flush=True)
     return time.perf_counter() - started

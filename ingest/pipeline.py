@@ -63,8 +63,16 @@ def prepare_file(path: Path, chunk_size: int, chunk_overlap: int) -> PreparedDoc
     return PreparedDocument(path, cleaned, chunks)
 
 
+def text_sha256(text: str) -> str:
+    """The key a chunk's text is stored and its vector reused under."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class IndexableChunk(NamedTuple):
-    """A chunk with what storing it needs besides its vector: the text's sha256 and its BM25 tokens."""
+    """A chunk with what storing it needs besides its vector: the text's sha256 and its BM25 tokens.
+
+    The one chunk record from the pipeline to the store (``ChunkStore.put_document``).
+    """
 
     ordinal: int
     text: str
@@ -72,7 +80,7 @@ class IndexableChunk(NamedTuple):
     pages: tuple[int, ...]
     start: int
     end: int
-    tokens: str
+    tokens: str | None = None  # space-joined BM25 tokens; the store computes them from ``text`` when None
 
 
 class PreparedFile(NamedTuple):
@@ -105,7 +113,7 @@ def prepare_files(
             IndexableChunk(
                 c.ordinal,
                 c.text,
-                hashlib.sha256(c.text.encode("utf-8")).hexdigest(),
+                text_sha256(c.text),
                 tuple(c.pages),
                 c.start,
                 c.end,

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ingest.pipeline import IndexableChunk
 from memory.lexical_index import join_tokens, tokenize
 
 SCHEMA = """
@@ -81,20 +82,7 @@ class ChunkRecord:
     pages: tuple[int, ...]
     start: int
     end: int
-
-
-@dataclass(frozen=True)
-class NewChunk:
-    """A chunk about to be stored, with its embedding."""
-
-    ordinal: int
-    text: str
-    text_sha: str
-    pages: tuple[int, ...]
-    start: int
-    end: int
-    vector: np.ndarray
-    tokens: str | None = None  # space-joined BM25 tokens; computed from ``text`` when None
+    text_sha: str = ""  # the text's sha256 (what a re-embedding reuses vectors by)
 
 
 def connect(path: Path, *, create: bool) -> sqlite3.Connection:
@@ -176,14 +164,15 @@ class ChunkStore:
         size: int | None,
         status: str,
         error: str | None = None,
-        chunks: Iterable[NewChunk] = (),
+        chunks: Sequence[IndexableChunk] = (),
+        vectors: np.ndarray | None = None,
     ) -> tuple[list[int], list[int]]:
-        """Replace a document's row and chunks; returns (replaced chunk ids, new chunk ids).
-
-        Call inside ``write()``.
+        """Replace a document's row and chunks (``vectors[i]`` is ``chunks[i]``'s embedding);
+        returns (replaced chunk ids, new chunk ids). Call inside ``write()``.
         """
+        if len(chunks) != (0 if vectors is None else len(vectors)):
+            raise ValueError(f"{len(chunks)} chunks but {0 if vectors is None else len(vectors)} vectors for {path}")
         old_ids = self.delete_document(path)
-        chunks = list(chunks)
         cur = self.conn.execute(
             "INSERT INTO documents(path, sha256, size, status, error, chunk_count, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -202,10 +191,10 @@ class ChunkStore:
                     json.dumps(list(c.pages)),
                     c.start,
                     c.end,
-                    np.ascontiguousarray(c.vector, dtype=np.float32).tobytes(),
+                    np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
                     c.tokens if c.tokens is not None else join_tokens(tokenize(c.text)),
                 )
-                for c in chunks
+                for c, vector in zip(chunks, vectors if vectors is not None else [])
             ],
         )
         new_ids = [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
@@ -306,11 +295,11 @@ class ChunkStore:
 
 _DOC_SELECT = "SELECT id, path, sha256, size, status, error, chunk_count FROM documents"
 _CHUNK_SELECT = (
-    "SELECT c.id, c.document_id, d.path, c.ordinal, c.text, c.pages, c.start_offset, c.end_offset"
+    "SELECT c.id, c.document_id, d.path, c.ordinal, c.text, c.pages, c.start_offset, c.end_offset, c.text_sha"
     " FROM chunks c JOIN documents d ON d.id = c.document_id"
 )
 
 
 def _chunk_record(row: tuple) -> ChunkRecord:
-    chunk_id, doc_id, path, ordinal, text, pages, start, end = row
-    return ChunkRecord(chunk_id, doc_id, path, ordinal, text, tuple(json.loads(pages)), start, end)
+    chunk_id, doc_id, path, ordinal, text, pages, start, end, text_sha = row
+    return ChunkRecord(chunk_id, doc_id, path, ordinal, text, tuple(json.loads(pages)), start, end, text_sha)

@@ -20,12 +20,11 @@ Three things run at once on a first ingest (measured in docs/BENCHMARKS.md,
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 from ingest.loaders import PDF_SUFFIXES
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
-from memory.chunk_store import ChunkStore, NewChunk
+from memory.chunk_store import ChunkStore
 from memory.files import file_sha256, fsync_dir
 from memory.lexical_index import token_text
 from memory.knowledge_base import (
@@ -94,10 +93,6 @@ class IngestReport:
     def exit_code(self) -> int:
         """0 when every file succeeded, 1 when some failed (the rest were ingested)."""
         return 1 if self.failed else 0
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def manifest_for(name: str, embedder, chunk_size: int, chunk_overlap: int) -> Manifest:
@@ -213,27 +208,25 @@ class _Batcher:
         batch, self.in_flight = self.in_flight, None
         fresh = dict(zip(batch.missing, batch.vectors.result()))
         lookup = {**self.previous_fresh, **batch.known, **fresh}
-        updates = []
-        for update, chunks in batch.documents:
-            new_chunks = tuple(
-                NewChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end, lookup[c.text_sha], c.tokens)
-                for c in chunks
-            )
-            updates.append(DocumentUpdate(update.path, update.sha256, update.size, update.status, update.error, new_chunks))
+        updates = [
+            replace(update, chunks=tuple(chunks), vectors=np.vstack([lookup[c.text_sha] for c in chunks]))
+            if chunks
+            else update
+            for update, chunks in batch.documents
+        ]
         self.kb.put_documents(updates)
         self.previous_fresh = fresh
 
 
-def embed_reusing(store: ChunkStore, embedder, texts: list[str], progress: Progress) -> np.ndarray:
-    """Vectors for ``texts``, embedding only texts the store has never seen."""
-    shas = [text_sha256(t) for t in texts]
-    known = store.vectors_by_text(shas)
-    missing = list(dict.fromkeys(t for t, s in zip(texts, shas) if s not in known))
-    progress.chunks_embedded(len(texts) - len(missing))
+def embed_reusing(store: ChunkStore, embedder, chunks: list[IndexableChunk], progress: Progress) -> np.ndarray:
+    """Vectors for ``chunks``, embedding only texts the store has never seen."""
+    known = store.vectors_by_text(c.text_sha for c in chunks)
+    missing = {c.text_sha: c.text for c in chunks if c.text_sha not in known}
+    progress.chunks_embedded(len(chunks) - len(missing))
     if missing:
-        fresh = embedder.embed_passages(missing, progress=_CumulativeToDelta(progress))
-        known.update({text_sha256(t): v for t, v in zip(missing, fresh)})
-    return np.vstack([known[s] for s in shas]) if texts else np.zeros((0, embedder.dimension), np.float32)
+        fresh = embedder.embed_passages(list(missing.values()), progress=_CumulativeToDelta(progress))
+        known.update(zip(missing, fresh))
+    return np.vstack([known[c.text_sha] for c in chunks]) if chunks else np.zeros((0, embedder.dimension), np.float32)
 
 
 def add_paths(
@@ -467,11 +460,9 @@ def _copy_reembedded(source: ChunkStore, target: ChunkStore, embedder, progress:
     progress.files_found(len(documents))
     progress.chunks_queued(source.chunk_count())
     for document in documents:
-        chunks = source.chunks_of_document(document.id, 0, document.chunk_count)
-        vectors = embed_reusing(target, embedder, [c.text for c in chunks], progress)
-        new_chunks = [
-            NewChunk(c.ordinal, c.text, text_sha256(c.text), c.pages, c.start, c.end, v) for c, v in zip(chunks, vectors)
-        ]
+        stored = source.chunks_of_document(document.id, 0, document.chunk_count)
+        new_chunks = [IndexableChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end) for c in stored]
+        vectors = embed_reusing(target, embedder, new_chunks, progress)
         with target.write():
             target.put_document(
                 document.path,
@@ -480,5 +471,6 @@ def _copy_reembedded(source: ChunkStore, target: ChunkStore, embedder, progress:
                 status=document.status,
                 error=document.error,
                 chunks=new_chunks,
+                vectors=vectors,
             )
         progress.file_done(document.path)

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from filelock import FileLock, Timeout
 
-from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord, NewChunk
+from ingest.pipeline import IndexableChunk
+from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord
 from memory.files import fsync_dir, write_atomically
 from memory.lexical_index import LexicalIndex, LexicalIndexError, tokenize
 
@@ -296,10 +297,12 @@ class KnowledgeBase:
                     status=update.status,
                     error=update.error,
                     chunks=update.chunks,
+                    vectors=update.vectors,
                 )
                 removed += old_ids
                 added += new_ids
-                added_vectors += [c.vector for c in update.chunks]
+                if update.chunks:
+                    added_vectors += list(update.vectors)
         self._apply_to_index(removed, added, added_vectors)
 
     def delete_documents(self, paths: list[str]) -> int:
@@ -429,7 +432,8 @@ class DocumentUpdate:
     size: int | None
     status: str
     error: str | None = None
-    chunks: tuple[NewChunk, ...] = ()
+    chunks: tuple[IndexableChunk, ...] = ()
+    vectors: np.ndarray | None = None  # one row per chunk
 
 
 class KnowledgeBases:
