@@ -12,6 +12,7 @@ from memory.knowledge_base import KnowledgeBaseError, KnowledgeBases, validate_n
 from rag.chat import ChatService
 from rag.generation import Generator
 from rag.retrieval import Retriever
+from memory.service import KnowledgeBaseService
 from settings import Settings
 
 from fastapi import Request
@@ -35,10 +36,13 @@ class ServerState:
     default_kb: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     shown_paths: ShownPaths | None = None  # built from settings and knowledge_bases when not given
+    kb_service: KnowledgeBaseService | None = None  # likewise
 
     def __post_init__(self) -> None:
         if self.shown_paths is None:
             self.shown_paths = ShownPaths(self.settings.home, self.knowledge_bases)
+        if self.kb_service is None:
+            self.kb_service = KnowledgeBaseService(self.knowledge_bases, self.settings)
 
     @classmethod
     def assemble(

@@ -143,7 +143,7 @@ def build_rag_data(
     as_json: JsonOption = False,
 ) -> None:
     """Turn question/answer pairs into samples whose system message is exactly what `rag serve` would send."""
-    from finetune.evaluate import _retriever
+    from finetune.evaluate import retriever_for
     from finetune.model import resolve_base
     from finetune.rag_data import TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
 
@@ -155,7 +155,7 @@ def build_rag_data(
         if not pairs:
             raise FinetuneError(f"empty dataset: no question/answer pair in {', '.join(map(str, qa))}")
         counter = TemplateCounter(resolve_base(base, settings))
-        retriever = _retriever(settings, kb)
+        retriever = retriever_for(settings, kb)
         texts = {k: v for k, v in {"en": no_answer_text_en, "zh": no_answer_text_zh}.items() if v}
         with progress_bars() as progress:
             task = progress.add_task("retrieving", total=len(pairs))

@@ -22,8 +22,9 @@ from rich.text import Text
 from cli.errors import err, user_errors
 from cli.progress import progress_bars
 from memory.embedding import EmbeddingModelNotFound, load_embedder
-from memory.ingestion import IngestReport, Progress, add_paths, check_compatible, rebuild, remove_paths
-from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBases, validate_name
+from memory.ingestion import IngestReport, Progress
+from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, validate_name
+from memory.service import KnowledgeBaseService
 from models.torch_device import run_and_exit
 from rag.retrieval import Retriever
 from settings import Settings
@@ -54,13 +55,10 @@ def explicit(settings: Settings, field: str):
     return getattr(settings, field) if field in settings.model_fields_set else None
 
 
-def embedder_for(kbs: KnowledgeBases, name: str, settings: Settings):
-    """The embedder a knowledge base was built with; refuses an explicitly different one."""
-    if kbs.exists(name):
-        manifest = kbs.manifest(name)
-        check_compatible(manifest, explicit(settings, "embedding_model"), None, None)
-        return load_embedder(settings, manifest.embedding_model)
-    return load_embedder(settings)
+def service_and_name(kb: str | None, **overrides) -> tuple[KnowledgeBaseService, str]:
+    """The knowledge-base service for these settings, and the ``--kb`` name (the configured default if not given)."""
+    settings = load_settings(**overrides)
+    return KnowledgeBaseService.from_settings(settings), validate_name(settings.default_kb if kb is None else kb)
 
 
 class BarProgress(Progress):
@@ -97,20 +95,14 @@ def add(
 ) -> None:
     """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings(chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
-        name = validate_name(settings.default_kb if kb is None else kb)
-        kbs = KnowledgeBases.from_settings(settings)
-        embedder = embedder_for(kbs, name, settings)
-        size, overlap = settings.chunk_size, settings.chunk_overlap
-        if kbs.exists(name):
-            manifest = kbs.manifest(name)
-            check_compatible(manifest, None, explicit(settings, "chunk_size"), explicit(settings, "chunk_overlap"))
-            size, overlap = manifest.chunk_size, manifest.chunk_overlap
+        service, name = service_and_name(kb, chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
+        settings = service.settings
+        embedder = service.embedder_for(name, explicit(settings, "embedding_model"))
         with progress_bars() as bars:
-            report = add_paths(
-                kbs, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune, progress=BarProgress(bars),
-                batch_chunks=settings.ingest_batch_chunks,
-            )
+            report = service.add(
+                name, paths, embedder, chunk_size=explicit(settings, "chunk_size"),
+                chunk_overlap=explicit(settings, "chunk_overlap"), prune=prune, progress=BarProgress(bars),
+            )  # fmt: skip
     print_report(report, name, as_json)
     raise typer.Exit(report.exit_code)
 
@@ -137,41 +129,23 @@ def print_report(report: IngestReport, name: str, as_json: bool) -> None:
 def list_(kb: KbOption = None, as_json: JsonOption = False) -> None:
     """List knowledge bases, or the documents of one (--kb) with status, chunk count and error."""
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings()
-        kbs = KnowledgeBases.from_settings(settings)
-        rows = list_documents(kbs, validate_name(kb)) if kb is not None else list_knowledge_bases(kbs)
+        service = KnowledgeBaseService.from_settings(load_settings())
+        if kb is None:  # the same summary as GET /v1/knowledge_bases
+            rows = [service.summary(name) for name in service.names()]
+            columns = ["name", "documents", "chunks", "embedding_model", "chunk_size", "chunk_overlap"]
+        else:
+            rows = [
+                {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
+                for d in service.documents(kb)
+            ]
+            columns = ["path", "status", "chunks", "size", "error"]
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table(*rows[0].keys()) if rows else Table("nothing here yet")
+    table = Table(*columns) if rows else Table("nothing here yet")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row.values()))
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
     Console().print(table)
-
-
-def list_knowledge_bases(kbs: KnowledgeBases) -> list[dict]:
-    rows = []
-    for name in kbs.names():
-        manifest = kbs.manifest(name)
-        documents = kbs.documents(name)
-        rows.append(
-            {
-                "name": name,
-                "documents": len(documents),
-                "chunks": sum(d.chunk_count for d in documents),
-                "embedding_model": manifest.embedding_model,
-                "chunk_size": manifest.chunk_size,
-                "chunk_overlap": manifest.chunk_overlap,
-            }
-        )
-    return rows
-
-
-def list_documents(kbs: KnowledgeBases, name: str) -> list[dict]:
-    return [
-        {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
-        for d in kbs.documents(name)
-    ]
 
 
 @app.command()
@@ -182,8 +156,8 @@ def remove(
 ) -> None:
     """Remove documents from a knowledge base (the files themselves are not touched)."""
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings()
-        removed = remove_paths(KnowledgeBases.from_settings(settings), validate_name(kb), paths)
+        service, name = service_and_name(kb)
+        removed = service.remove(name, paths)
     if as_json:
         print(json.dumps([o.path for o in removed], ensure_ascii=False))
     else:
@@ -197,12 +171,11 @@ def drop(
 ) -> None:
     """Delete a knowledge base and everything in it."""
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings()
-        kbs = KnowledgeBases.from_settings(settings)
-        kbs.manifest(validate_name(kb))
+        service, name = service_and_name(kb)
+        service.manifest(name)
         if not yes and sys.stdin.isatty() and not typer.confirm(f"Delete knowledge base {kb!r}?"):
             raise typer.Exit(1)
-        kbs.drop(kb)
+        service.drop(name)
     err.print(f"dropped {kb}")
 
 
@@ -213,13 +186,11 @@ def rebuild_(
 ) -> None:
     """Re-embed every chunk of a knowledge base, e.g. after changing the embedding model."""
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings(embedding_model=embedding_model)
-        kbs = KnowledgeBases.from_settings(settings)
-        name = validate_name(kb)
-        kbs.manifest(name)
-        embedder = load_embedder(settings)
+        service, name = service_and_name(kb, embedding_model=embedding_model)
+        service.manifest(name)
+        embedder = load_embedder(service.settings)
         with progress_bars() as bars:
-            manifest = rebuild(kbs, name, embedder, BarProgress(bars))
+            manifest = service.rebuild(name, embedder, BarProgress(bars))
     err.print(f"rebuilt {kb} with {manifest.embedding_model} (dimension {manifest.dimension})")
 
 
@@ -239,11 +210,11 @@ def search(
     ``rank_score`` is what ordered the passages.
     """
     with user_errors(KNOWN_ERRORS):
-        settings = load_settings(top_k=top_k, step=step, score_threshold=score_threshold)
-        name = validate_name(settings.default_kb if kb is None else kb)
-        kbs = KnowledgeBases.from_settings(settings)
-        kbs.manifest(name)
-        retriever = Retriever.from_settings(settings, kbs, embedder_for(kbs, name, settings))
+        service, name = service_and_name(kb, top_k=top_k, step=step, score_threshold=score_threshold)
+        settings = service.settings
+        service.manifest(name)
+        embedder = service.embedder_for(name, explicit(settings, "embedding_model"))
+        retriever = Retriever.from_settings(settings, service.knowledge_bases, embedder)
         try:
             passages = retriever.dense_hits(name, query) if dense_only else retriever.retrieve(name, query)
         finally:

@@ -153,7 +153,7 @@ def evaluate(
     )
     retriever = None
     if kb:
-        retriever = _retriever(settings, kb)
+        retriever = retriever_for(settings, kb)
     chat = ChatService(generator, retriever, settings)
     models: list[str | None] = ([None] if include_base else []) + list(served)
 
@@ -183,13 +183,12 @@ def evaluate(
         asyncio.run(generator.aclose())
 
 
-def _retriever(settings: Settings, kb: str):
-    from memory.embedding import load_embedder
-    from memory.knowledge_base import KnowledgeBases
+def retriever_for(settings: Settings, kb: str):
+    """Chat's retrieval over knowledge base ``kb`` (with the embedder it was built with)."""
+    from memory.service import KnowledgeBaseService
     from rag.retrieval import Retriever
 
-    kbs = KnowledgeBases.from_settings(settings)
-    if not kbs.exists(kb):
+    service = KnowledgeBaseService.from_settings(settings)
+    if kb not in service.names():
         raise FinetuneError(f"--kb: no knowledge base named {kb!r} (see `ingest list`)")
-    embedder = load_embedder(settings, kbs.manifest(kb).embedding_model)
-    return Retriever.from_settings(settings, kbs, embedder)
+    return Retriever.from_settings(settings, service.knowledge_bases, service.embedder_for(kb))

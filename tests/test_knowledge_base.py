@@ -370,3 +370,27 @@ def test_a_dead_parsing_process_is_an_error_not_a_hang(tmp_path):
             worker.result(worker.submit(os.getpid))
     finally:
         worker.close()
+
+
+# ---------------------------------------------------------------- the one service
+
+
+def test_the_service_keeps_a_knowledge_base_s_own_chunking_and_refuses_others(settings, docs, embedder):
+    from memory.service import KnowledgeBaseExists, KnowledgeBaseService
+
+    service = KnowledgeBaseService(KnowledgeBases.from_settings(settings), settings.model_copy(update={"chunk_size": 150, "chunk_overlap": 30}))
+    service.add("手册", [docs], embedder)
+    assert service.chunking_for("手册") == (150, 30)
+    later = KnowledgeBaseService(service.knowledge_bases, settings)  # configured differently now
+    assert later.chunking_for("手册") == (150, 30) and later.chunking_for("新的") == (settings.chunk_size, settings.chunk_overlap)
+    with pytest.raises(KnowledgeBaseError, match="chunk_size=150, not 400"):
+        later.add("手册", [docs], embedder, chunk_size=400)
+    with pytest.raises(KnowledgeBaseError, match="not 'other/model'"):
+        later.embedder_for("手册", "other/model")
+    summary = later.summary("手册")
+    assert summary["name"] == "手册" and summary["documents"] == 3 and summary["chunks"] >= 3
+    assert summary["embedding_model"] == embedder.model_id
+    with pytest.raises(KnowledgeBaseExists):
+        later.create("手册", embedder)
+    later.drop("手册")
+    assert later.names() == []

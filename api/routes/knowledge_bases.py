@@ -21,8 +21,8 @@ from api.errors import APIError, error_responses
 from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch, SearchResponse, SourcePassage
 from api.state import ServerState, require_ready
 from api.uploads import stage, staging_area, upload_dir
-from memory.ingestion import add_paths, manifest_for, remove_paths
 from memory.knowledge_base import KB_NAME_RULE, KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBaseNotFound, validate_name
+from memory.service import KnowledgeBaseExists
 
 router = APIRouter(
     prefix="/v1/knowledge_bases",
@@ -61,33 +61,19 @@ def _readable(request: Request, kb: str) -> str:
 @router.get("")
 async def list_knowledge_bases(request: Request) -> dict:
     state = _state(request)
-    kbs = state.knowledge_bases
-
-    def describe(name: str) -> dict:
-        documents = kbs.documents(name)
-        return {
-            **asdict(kbs.manifest(name)),
-            "documents": len(documents),
-            "chunks": sum(d.chunk_count for d in documents),
-        }
-
-    return {"object": "list", "data": await _run(lambda: [describe(n) for n in state.visible_kbs(access_of(request))])}
+    names = state.visible_kbs(access_of(request))
+    return {"object": "list", "data": await _run(lambda: [state.kb_service.summary(n) for n in names])}
 
 
 @router.post("", dependencies=admin, status_code=201)
 async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> dict:
     state = _state(request)
-    settings = state.settings
-    manifest = manifest_for(body.name, state.embedder, settings.chunk_size, settings.chunk_overlap)
-
-    def create() -> None:
-        validate_name(body.name)
-        if state.knowledge_bases.exists(body.name):
-            raise APIError(409, f"knowledge base '{body.name}' already exists", param="name", code="knowledge_base_exists")
-        with state.knowledge_bases.writer(body.name, create=manifest):
-            pass
-
-    await _run(create)
+    try:
+        manifest = await asyncio.to_thread(state.kb_service.create, body.name, state.embedder)
+    except KnowledgeBaseExists as exc:
+        raise APIError(409, str(exc), param="name", code="knowledge_base_exists") from None
+    except KnowledgeBaseError as exc:
+        raise _kb_error(exc) from None
     return asdict(manifest)
 
 
@@ -95,7 +81,7 @@ async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> 
 async def delete_knowledge_base(kb: KnowledgeBaseName, request: Request) -> dict:
     state = _state(request)
     _readable(request, kb)
-    await _run(state.knowledge_bases.drop, kb)
+    await _run(state.kb_service.drop, kb)
     shutil.rmtree(_upload_dir(state, kb), ignore_errors=True)
     return {"id": kb, "object": "knowledge_base", "deleted": True}
 
@@ -104,7 +90,7 @@ async def delete_knowledge_base(kb: KnowledgeBaseName, request: Request) -> dict
 async def list_documents(kb: KnowledgeBaseName, request: Request) -> dict:
     state = _state(request)
     _readable(request, kb)
-    documents = await _run(state.knowledge_bases.documents, kb)
+    documents = await _run(state.kb_service.documents, kb)
     shown = await _run(state.shown_paths.for_kb, kb)
     return {"object": "list", "data": [{**asdict(d), "path": shown(d.path)} for d in documents]}
 
@@ -117,17 +103,11 @@ async def upload_documents(kb: KnowledgeBaseName, request: Request, files: list[
     if not access.can_read(kb):
         _readable(request, kb)  # 404: outside this key's scope
     require_write(request, kb)
-    chunk_size, chunk_overlap = state.settings.chunk_size, state.settings.chunk_overlap
-    if state.knowledge_bases.exists(kb):  # an existing knowledge base keeps its own chunking
+    if state.knowledge_bases.exists(kb):  # it must have been built with the server's embedder
         state.require_searchable_kb(kb, param="kb", access=access)
-        manifest = state.knowledge_bases.manifest(kb)
-        chunk_size, chunk_overlap = manifest.chunk_size, manifest.chunk_overlap
     with staging_area(state.settings.home) as staging:
         staged = await stage(files, staging, _upload_dir(state, kb))
-        report = await _run(
-            add_paths, state.knowledge_bases, kb, [], state.embedder,
-            chunk_size=chunk_size, chunk_overlap=chunk_overlap, staged=staged, batch_chunks=state.settings.ingest_batch_chunks,
-        )
+        report = await _run(state.kb_service.add, kb, [], state.embedder, staged=staged)
     shown = await _run(state.shown_paths.for_kb, kb)
     return {
         "object": "list",
@@ -141,12 +121,12 @@ async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Requ
     state = _state(request)
     _readable(request, kb)
     require_write(request, kb)
-    documents = await _run(state.knowledge_bases.documents, kb)
+    documents = await _run(state.kb_service.documents, kb)
     match = next((d for d in documents if d.id == document_id), None)
     if match is None:
         raise APIError(404, f"knowledge base '{kb}' has no document {document_id}", param="document_id", code="document_not_found")
     shown = await _run(state.shown_paths.for_kb, kb)
-    await _run(remove_paths, state.knowledge_bases, kb, [Path(match.path)])
+    await _run(state.kb_service.remove, kb, [Path(match.path)])
     if Path(match.path).parent == _upload_dir(state, kb).resolve():
         Path(match.path).unlink(missing_ok=True)
     return {"id": document_id, "object": "document", "deleted": True, "path": shown(match.path)}
