@@ -314,6 +314,9 @@ def test_auth_when_keys_are_set(state):
         assert httpx.post(f"{base}/knowledge_bases", json={"name": "x"}, headers=user).status_code == 403
         admin = {"Authorization": "Bearer admin-key"}
         assert httpx.post(f"{base}/knowledge_bases", json={"name": "x"}, headers=admin).status_code == 201
+        again = httpx.post(f"{base}/knowledge_bases", json={"name": "x"}, headers=admin)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "knowledge_base_exists"
+        assert again.json()["error"]["param"] == "name"
         assert httpx.delete(f"{base}/knowledge_bases/x", headers=admin).status_code == 200
 
 

@@ -40,6 +40,8 @@ def _state(request: Request) -> ServerState:
 def _kb_error(exc: KnowledgeBaseError) -> APIError:
     if isinstance(exc, KnowledgeBaseNotFound):
         return APIError(404, str(exc), param="kb", code="knowledge_base_not_found")
+    if isinstance(exc, KnowledgeBaseExists):  # only creating one raises it
+        return APIError(409, str(exc), param="name", code="knowledge_base_exists")
     if isinstance(exc, KnowledgeBaseBusy):
         return APIError(409, str(exc), param="kb", code="knowledge_base_busy", headers={"Retry-After": "5"})
     return APIError(400, str(exc), param="kb", code="invalid_knowledge_base")
@@ -68,12 +70,7 @@ async def list_knowledge_bases(request: Request) -> dict:
 @router.post("", dependencies=admin, status_code=201)
 async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> dict:
     state = _state(request)
-    try:
-        manifest = await asyncio.to_thread(state.kb_service.create, body.name, state.embedder)
-    except KnowledgeBaseExists as exc:
-        raise APIError(409, str(exc), param="name", code="knowledge_base_exists") from None
-    except KnowledgeBaseError as exc:
-        raise _kb_error(exc) from None
+    manifest = await _run(state.kb_service.create, body.name, state.embedder)
     return asdict(manifest)
 
 

@@ -70,6 +70,7 @@ class RunningBatch:
         """Whether newcomers may be admitted now (no other prompt is half prefilled)."""
         return self._prefill is None
 
+    @torch.inference_mode()  # a prefix adapter's prompt is computed here: no autograd graph
     def admit(self, requests: list[Request]) -> list[Row]:
         """Start prefilling ``requests`` (same adapter as the batch; only when :attr:`accepting`);
         each :meth:`step` runs one chunk of it. Returns the rows that already left (on an error)."""
