@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.protocol import ErrorDetail, ErrorResponse
+from memory.knowledge_base import KnowledgeBaseUnavailable
 
 log = logging.getLogger("zhiku.api")
 
@@ -80,6 +81,11 @@ class APIError(Exception):
         self.headers = headers
 
 
+def unavailable(exc: Exception) -> APIError:
+    """The store behind a knowledge base (a Milvus) cannot be reached: 503, try again."""
+    return APIError(503, str(exc), code="knowledge_base_unavailable", headers={"Retry-After": "5"})
+
+
 def error_response(status: int, message: str, *, param=None, code=None, headers=None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=_TYPES.get(status, "server_error"), param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -104,6 +110,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(KnowledgeBaseUnavailable)
+    async def _store_down(request: Request, exc: KnowledgeBaseUnavailable) -> JSONResponse:
+        error = unavailable(exc)
+        return error_response(error.status, error.message, code=error.code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -41,15 +41,18 @@ class ShownPaths:
     def _shared_root(self, kb: str, uploads: Path) -> Path | None:
         stamp = self._stamp(kb)
         cached = self._roots.get(kb)
-        if cached is not None and cached[0] == stamp:
+        if cached is not None and stamp is not None and cached[0] == stamp:
             return cached[1]
         folders = [Path(d.path).parent for d in self.kbs.documents(kb) if not Path(d.path).is_relative_to(uploads)]
         root = Path(os.path.commonpath(folders)) if folders else None
         self._roots[kb] = (stamp, root)
         return root
 
-    def _stamp(self, kb: str) -> tuple:
+    def _stamp(self, kb: str) -> tuple | None:
+        """What changes when the document list may have; None where no file tells (Milvus: read every time)."""
         manifest = self.kbs.manifest(kb)
+        if manifest.backend != "local":
+            return None
         store = self.kbs.root / kb / manifest.store
         stamps = []
         for name in (STORE_DB, STORE_DB + "-wal"):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from memory.embedding import Embedder, load_embedder
-from memory.knowledge_base import KnowledgeBaseError, KnowledgeBases, validate_name
+from memory.knowledge_base import KnowledgeBaseError, KnowledgeBases, KnowledgeBaseUnavailable, validate_name
 from rag.chat import ChatService
 from rag.generation import Generator
 from rag.retrieval import Retriever
@@ -18,7 +18,7 @@ from settings import Settings
 from fastapi import Request
 
 from api.auth import OPEN, Access
-from api.errors import APIError
+from api.errors import APIError, unavailable
 from api.shown_paths import ShownPaths
 from api.uploads import clean_leftovers
 
@@ -85,6 +85,8 @@ class ServerState:
         try:
             if self.knowledge_bases.exists(name) and access.can_read(name):
                 return name
+        except KnowledgeBaseUnavailable as exc:
+            raise unavailable(exc) from None
         except KnowledgeBaseError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_knowledge_base") from None
         message = f"knowledge base '{name}' does not exist"

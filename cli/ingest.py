@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,7 +24,7 @@ from cli.errors import err, user_errors
 from cli.progress import progress_bars
 from memory.embedding import EmbeddingModelNotFound, load_embedder
 from memory.ingestion import IngestReport, Progress
-from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, validate_name
+from memory.knowledge_base import KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBaseUnavailable, validate_name
 from memory.service import KnowledgeBaseService
 from models.torch_device import run_and_exit
 from rag.retrieval import Retriever
@@ -43,7 +44,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 
 
 # A busy knowledge base is worth a retry (1); the rest are usage errors (2).
-KNOWN_ERRORS = {KnowledgeBaseBusy: 1, (KnowledgeBaseError, EmbeddingModelNotFound): 2}
+KNOWN_ERRORS = {(KnowledgeBaseBusy, KnowledgeBaseUnavailable): 1, (KnowledgeBaseError, EmbeddingModelNotFound): 2}
+
+
+class Backend(str, Enum):
+    local = "local"
+    milvus = "milvus"
 
 
 def load_settings(**overrides) -> Settings:
@@ -91,17 +97,25 @@ def add(
     chunk_overlap: Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks.")] = None,
     embedding_model: Annotated[Optional[str], typer.Option(help="Sentence-transformers model path or cached id.")] = None,
     prune: Annotated[bool, typer.Option(help="Remove documents under PATHS whose files are gone.")] = False,
+    backend: Annotated[
+        Optional[Backend],
+        typer.Option(help="Where a NEW knowledge base is stored (default: ZHIKU_VECTOR_STORE, else local); an existing one keeps its own."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
     with user_errors(KNOWN_ERRORS):
-        service, name = service_and_name(kb, chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model)
+        service, name = service_and_name(
+            kb, chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model,
+            vector_store=backend.value if backend else None,
+        )  # fmt: skip
         settings = service.settings
         embedder = service.embedder_for(name, explicit(settings, "embedding_model"))
         with progress_bars() as bars:
             report = service.add(
                 name, paths, embedder, chunk_size=explicit(settings, "chunk_size"),
                 chunk_overlap=explicit(settings, "chunk_overlap"), prune=prune, progress=BarProgress(bars),
+                backend=backend.value if backend else None,
             )  # fmt: skip
     print_report(report, name, as_json)
     raise typer.Exit(report.exit_code)

@@ -33,11 +33,9 @@ import numpy as np
 from ingest.loaders import PDF_SUFFIXES
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
-from memory.chunk_store import ChunkStore
 from memory.files import file_sha256, fsync_dir
 from memory.lexical_index import token_text
 from memory.knowledge_base import (
-    STORE_DB,
     DocumentUpdate,
     EmbedderMismatch,
     KnowledgeBase,
@@ -95,8 +93,9 @@ class IngestReport:
         return 1 if self.failed else 0
 
 
-def manifest_for(name: str, embedder, chunk_size: int, chunk_overlap: int) -> Manifest:
+def manifest_for(name: str, embedder, chunk_size: int, chunk_overlap: int, backend: str = "local") -> Manifest:
     return Manifest(
+        backend=backend,
         name=name,
         embedding_model=embedder.model_id,
         dimension=embedder.dimension,
@@ -192,7 +191,7 @@ class _Batcher:
     def _submit(self) -> None:
         documents, self.pending, self.pending_chunks = self.pending, [], 0
         texts = {c.text_sha: c.text for _, chunks in documents for c in chunks}
-        known = self.kb.store.vectors_by_text(texts)
+        known = self.kb.vectors_by_text(texts)
         embedding_now = set(self.in_flight.missing) if self.in_flight else set()
         missing = [sha for sha in texts if sha not in known and sha not in embedding_now]
         self.progress.chunks_embedded(sum(len(chunks) for _, chunks in documents) - len(missing))
@@ -218,9 +217,9 @@ class _Batcher:
         self.previous_fresh = fresh
 
 
-def embed_reusing(store: ChunkStore, embedder, chunks: list[IndexableChunk], progress: Progress) -> np.ndarray:
-    """Vectors for ``chunks``, embedding only texts the store has never seen."""
-    known = store.vectors_by_text(c.text_sha for c in chunks)
+def embed_reusing(kb: KnowledgeBase, embedder, chunks: list[IndexableChunk], progress: Progress) -> np.ndarray:
+    """Vectors for ``chunks``, embedding only texts the knowledge base has never seen."""
+    known = kb.vectors_by_text(c.text_sha for c in chunks)
     missing = {c.text_sha: c.text for c in chunks if c.text_sha not in known}
     progress.chunks_embedded(len(chunks) - len(missing))
     if missing:
@@ -241,6 +240,7 @@ def add_paths(
     progress: Progress | None = None,
     staged: Sequence[tuple[Path, Path]] = (),
     batch_chunks: int = EMBED_BATCH_CHUNKS,
+    backend: str | None = None,
 ) -> IngestReport:
     """Ingest files and folders into knowledge base ``name`` (created when missing).
 
@@ -251,7 +251,13 @@ def add_paths(
     progress = progress or Progress()
     paths = [Path(p) for p in paths]
     report = IngestReport()
-    with kbs.writer(name, create=manifest_for(name, embedder, chunk_size, chunk_overlap)) as kb:
+    new = manifest_for(name, embedder, chunk_size, chunk_overlap, backend or kbs.default_backend)
+    with kbs.writer(name, create=new) as kb:
+        if backend is not None and backend != kb.manifest.backend:
+            raise KnowledgeBaseError(
+                f"knowledge base {name!r} is stored on the {kb.manifest.backend!r} backend, not {backend!r}; "
+                "a knowledge base keeps its backend (drop it and add the files again to move it)"
+            )
         check_compatible(kb.manifest, embedder.model_id, chunk_size, chunk_overlap)
         paths += move_into_place(staged)
         files = list(iter_candidate_files(paths))
@@ -381,7 +387,7 @@ def _check_file(kb: KnowledgeBase, path: Path) -> FileOutcome | _Parsing:
         sha = file_sha256(path)
     except OSError as exc:
         return FileOutcome(key, "failed", error=f"cannot read: {exc.strerror or exc}")
-    stored = kb.store.document(key)
+    stored = kb.document(key)
     if stored is not None and stored.sha256 == sha and stored.status in ("ok", "skipped"):
         return FileOutcome(key, "unchanged" if stored.status == "ok" else "skipped", stored.chunk_count, stored.error)
     return _Parsing(key, str(path), sha, size)
@@ -405,7 +411,7 @@ def _is_under(path: str, roots: list[Path]) -> bool:
 def prune_missing(kb: KnowledgeBase, roots: list[Path]) -> list[FileOutcome]:
     """Remove documents under ``roots`` whose files no longer exist."""
     roots = [r.resolve() for r in roots]
-    gone = [d.path for d in kb.store.documents() if _is_under(d.path, roots) and not Path(d.path).exists()]
+    gone = [d.path for d in kb.documents() if _is_under(d.path, roots) and not Path(d.path).exists()]
     kb.delete_documents(gone)
     return [FileOutcome(p, "removed") for p in gone]
 
@@ -414,7 +420,7 @@ def remove_paths(kbs: KnowledgeBases, name: str, paths: Iterable[Path]) -> list[
     """Remove documents (a file, or every document under a folder) from ``name``."""
     roots = [Path(p).resolve() for p in paths]
     with kbs.writer(name) as kb:
-        doomed = [d.path for d in kb.store.documents() if _is_under(d.path, roots)]
+        doomed = [d.path for d in kb.documents() if _is_under(d.path, roots)]
         kb.delete_documents(doomed)
     return [FileOutcome(p, "removed") for p in doomed]
 
@@ -428,49 +434,31 @@ def rebuild(kbs: KnowledgeBases, name: str, embedder, progress: Progress | None 
     progress = progress or Progress()
     with kbs.lock(name):
         old = kbs.manifest(name)
-        number = int(old.store.removeprefix("store-")) + 1
-        new = Manifest(
-            name=name,
+        new = replace(
+            old,
             embedding_model=embedder.model_id,
             dimension=embedder.dimension,
-            chunk_size=old.chunk_size,
-            chunk_overlap=old.chunk_overlap,
-            store=f"store-{number}",
-            created=old.created,
+            store=f"store-{int(old.store.removeprefix('store-')) + 1}",
         )
-        directory = kbs.root / name
-        (directory / new.store).mkdir(exist_ok=True)
-        source = ChunkStore(directory / old.store / STORE_DB)
-        target = ChunkStore(directory / new.store / STORE_DB, create=True)
+        source = kbs.instance(old, writable=False)
+        target = kbs.instance(new, writable=True)
         try:
             _copy_reembedded(source, target, embedder, progress)
         finally:
             source.close()
-            target.close()
-        # Build and save the FAISS file before the switch, so readers never start from nothing.
-        built = kbs.instance(new, writable=True)
-        built.refresh()
-        built.close()
+            target.close()  # builds and saves its indexes before the switch: readers never start from nothing
         kbs.replace_store(name, new)
     return new
 
 
-def _copy_reembedded(source: ChunkStore, target: ChunkStore, embedder, progress: Progress) -> None:
+def _copy_reembedded(source: KnowledgeBase, target: KnowledgeBase, embedder, progress: Progress) -> None:
     documents = source.documents()
     progress.files_found(len(documents))
-    progress.chunks_queued(source.chunk_count())
+    progress.chunks_queued(sum(d.chunk_count for d in documents))
     for document in documents:
         stored = source.chunks_of_document(document.id, 0, document.chunk_count)
-        new_chunks = [IndexableChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end) for c in stored]
-        vectors = embed_reusing(target, embedder, new_chunks, progress)
-        with target.write():
-            target.put_document(
-                document.path,
-                sha256=document.sha256,
-                size=document.size,
-                status=document.status,
-                error=document.error,
-                chunks=new_chunks,
-                vectors=vectors,
-            )
+        new_chunks = tuple(IndexableChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end) for c in stored)
+        vectors = embed_reusing(target, embedder, list(new_chunks), progress)
+        update = DocumentUpdate(document.path, document.sha256, document.size, document.status, document.error, new_chunks, vectors)
+        target.put_documents([update])
         progress.file_done(document.path)

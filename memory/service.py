@@ -87,7 +87,7 @@ class KnowledgeBaseService:
         """An empty knowledge base for ``embedder`` and the configured chunking."""
         if self.knowledge_bases.exists(validate_name(name)):
             raise KnowledgeBaseExists(f"knowledge base '{name}' already exists")
-        manifest = manifest_for(name, embedder, self.settings.chunk_size, self.settings.chunk_overlap)
+        manifest = manifest_for(name, embedder, self.settings.chunk_size, self.settings.chunk_overlap, self.settings.vector_store)
         with self.knowledge_bases.writer(name, create=manifest):
             pass
         return manifest
@@ -103,12 +103,13 @@ class KnowledgeBaseService:
         prune: bool = False,
         staged: Sequence[tuple[Path, Path]] = (),
         progress: Progress | None = None,
+        backend: str | None = None,
     ) -> IngestReport:
-        """Ingest files, folders and staged uploads into ``name`` (created when missing); see ``add_paths``."""
+        """Ingest files, folders and staged uploads into ``name`` (created when missing, on ``backend`` or the configured one); see ``add_paths``."""
         size, overlap = self.chunking_for(name, chunk_size, chunk_overlap)
         return add_paths(
             self.knowledge_bases, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune,
-            progress=progress, staged=staged, batch_chunks=self.settings.ingest_batch_chunks,
+            progress=progress, staged=staged, batch_chunks=self.settings.ingest_batch_chunks, backend=backend,
         )  # fmt: skip
 
     def remove(self, name: str, paths: Iterable[Path]) -> list[FileOutcome]:

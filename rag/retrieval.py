@@ -266,7 +266,7 @@ class Retriever:
         else:
             fused = fuse_rankings([h.chunk.id for h in dense], [i for i, _ in lexical], self.weights)
         records = {h.chunk.id: h.chunk for h in dense}
-        records.update(kb.store.chunks(i for i, _ in fused if i not in records))
+        records.update(kb.chunks(i for i, _ in fused if i not in records))
         found = [Candidate(records[i], cosines[i], score) for i, score in fused if i in records]
         return self._reranked(query, found) if self.reranker is not None else found
 

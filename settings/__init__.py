@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -95,6 +95,18 @@ class Settings(BaseSettings):
         50_000, ge=1, description="Above this many chunks a knowledge base switches to an IVF index (measured: flat p50 passes 5 ms near 55k)."
     )
     ivf_nprobe: int = Field(32, ge=1)
+    vector_store: Literal["local", "milvus"] = Field(
+        "local",
+        description="Backend of a NEW knowledge base: 'local' (SQLite + FAISS + BM25 files under home) or 'milvus'. "
+        "An existing knowledge base keeps the backend it was created with.",
+    )
+    milvus_uri: str = Field(
+        "",
+        description="Milvus to use: http://host:19530 for a server or cluster; empty = embedded milvus-lite "
+        "in <home>/milvus.db (one process at a time).",
+    )
+    milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or an API key), if it needs one.")
+    milvus_database: str = Field("", description="Milvus database; empty = the server's default.")
     ingest_batch_chunks: int = Field(
         1024, ge=1, description="Chunks embedded and committed together by an ingest (long enough to sort by length well)."
     )
@@ -227,6 +239,11 @@ class Settings(BaseSettings):
     @property
     def kb_root(self) -> Path:
         return self.home / "kb"
+
+    @property
+    def embedded_milvus(self) -> Path:
+        """Where embedded milvus-lite keeps its data when ``milvus_uri`` is empty."""
+        return self.home / "milvus.db"
 
     @property
     def model_cache(self) -> Path:

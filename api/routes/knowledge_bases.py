@@ -17,11 +17,18 @@ from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi import Path as PathParam
 
 from api.auth import access_of, require_admin, require_key, require_write
-from api.errors import APIError, error_responses
+from api.errors import APIError, error_responses, unavailable
 from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch, SearchResponse, SourcePassage
 from api.state import ServerState, require_ready
 from api.uploads import stage, staging_area, upload_dir
-from memory.knowledge_base import KB_NAME_RULE, KnowledgeBaseBusy, KnowledgeBaseError, KnowledgeBaseNotFound, validate_name
+from memory.knowledge_base import (
+    KB_NAME_RULE,
+    KnowledgeBaseBusy,
+    KnowledgeBaseError,
+    KnowledgeBaseNotFound,
+    KnowledgeBaseUnavailable,
+    validate_name,
+)
 from memory.service import KnowledgeBaseExists
 
 router = APIRouter(
@@ -38,6 +45,8 @@ def _state(request: Request) -> ServerState:
 
 
 def _kb_error(exc: KnowledgeBaseError) -> APIError:
+    if isinstance(exc, KnowledgeBaseUnavailable):
+        return unavailable(exc)
     if isinstance(exc, KnowledgeBaseNotFound):
         return APIError(404, str(exc), param="kb", code="knowledge_base_not_found")
     if isinstance(exc, KnowledgeBaseExists):  # only creating one raises it
