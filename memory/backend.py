@@ -232,6 +232,10 @@ class KnowledgeBase(ABC):
         """Problems found (empty when everything agrees)."""
 
     # ---- shared behaviour ------------------------------------------------
+    def all_chunks(self) -> list[ChunkRecord]:
+        """Every committed chunk, document by document in ordinal order (for checks and copies, not for serving)."""
+        return [c for d in self.documents() if d.chunk_count for c in self.chunks_of_document(d.id, 0, d.chunk_count - 1)]
+
     def expand(self, chunk: ChunkRecord, step: int, char_budget: int) -> str:
         """The chunk joined with up to ``step`` neighbours on each side, overlap removed."""
         return join_without_overlap(self.neighbourhood(chunk, step, char_budget))

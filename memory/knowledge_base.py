@@ -81,6 +81,17 @@ class KnowledgeBases:
             milvus=milvus_connection(settings),
         )
 
+    @property
+    def milvus(self):
+        """The MilvusConnection in use, or None."""
+        return self._milvus
+
+    def close(self) -> None:
+        """Close the Milvus client, if one was opened (local knowledge bases hold nothing between calls)."""
+        if self._milvus is not None:
+            self._milvus.close()
+            self._catalogue = None
+
     # ---- the Milvus half of the catalogue -------------------------------
     def catalogue(self):
         """The Milvus catalogue (:class:`KnowledgeBaseError` when Milvus is not configured)."""

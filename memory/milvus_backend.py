@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import string
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,6 +50,9 @@ _BATCH = 1000
 _PLACEHOLDER = [1.0, 0.0]  # Milvus wants a vector field in every collection; registry rows carry this one
 _CHUNK_FIELDS = ["id", "document_id", "ordinal", "text", "text_sha", "pages", "start", "end"]
 _DOCUMENT_FIELDS = ["id", "path", "sha256", "size", "status", "error", "chunk_count", "state"]
+# jieba emits punctuation as tokens; BM25 over "，" and "。" ranks every chunk alike (the local tokenizer drops them too)
+PUNCTUATION = sorted(set(string.punctuation) | set("，。、；：？！“”‘’（）《》【】〔〕—…·「」『』〈〉～￥　"))
+ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": PUNCTUATION}]}
 HNSW_EF = 128
 """Candidates HNSW explores per query (above ``exact_max`` chunks)."""
 
@@ -68,6 +73,7 @@ class MilvusConnection:
         self._timeout = timeout
         self._client = None
         self._embedded_lock = None
+        self._loaded: set[str] = set()
 
     def call(self, method: str, *args, **kwargs):
         """``client.<method>(...)``, with Milvus errors worded for the user."""
@@ -80,6 +86,13 @@ class MilvusConnection:
         if self._client is None:
             from pymilvus import MilvusClient
 
+            # pymilvus logs every failed call with a traceback; the errors reach the user through call() instead
+            logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+            if "://" not in self.uri:  # embedded milvus-lite serves from this process: keep its noise quiet
+                import jieba
+
+                jieba.setLogLevel(logging.WARNING)  # its dictionary banner
+                logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # "AllocTimestamp not implemented", harmless
             self._hold_embedded()
             try:
                 self._client = MilvusClient(uri=self.uri, token=self._token, db_name=self._database, timeout=self._timeout)
@@ -106,7 +119,14 @@ class MilvusConnection:
             ) from None
         self._embedded_lock = lock
 
+    def load(self, collection: str) -> None:
+        """Load ``collection`` into memory once per connection (Milvus leaves collections released after a restart)."""
+        if collection not in self._loaded:
+            self.call("load_collection", collection)
+            self._loaded.add(collection)
+
     def close(self) -> None:
+        self._loaded.clear()
         if self._client is not None:
             try:
                 self._client.close()
@@ -172,6 +192,7 @@ class MilvusCatalogue:
             index = self.connection.call("prepare_index_params")
             index.add_index("placeholder", index_type="FLAT", metric_type="IP")
             self.connection.call("create_collection", CATALOGUE, schema=schema, index_params=index, consistency_level="Strong")
+        self.connection.load(CATALOGUE)
         self._ready = True
 
     def manifests(self) -> dict[str, Manifest]:
@@ -247,7 +268,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         self._stale: set[int] = set()  # ids of every other row: their chunks are invisible
         self._by_id: dict[int, _Row] = {}
         self._next_id = 1
-        self._loaded = False
+        self._registry_read = False
         if writable:
             self._create_collections()
             self.refresh()
@@ -279,7 +300,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
             schema.add_field("document_id", DataType.INT64)
             schema.add_field("ordinal", DataType.INT64)
             schema.add_field(
-                "text", DataType.VARCHAR, max_length=65535, enable_analyzer=True, analyzer_params={"tokenizer": "jieba"}
+                "text", DataType.VARCHAR, max_length=65535, enable_analyzer=True, analyzer_params=ANALYZER
             )
             schema.add_field("text_sha", DataType.VARCHAR, max_length=64)
             schema.add_field("pages", DataType.VARCHAR, max_length=4096)
@@ -317,22 +338,24 @@ class MilvusKnowledgeBase(KnowledgeBase):
 
     # ---- the registry ----------------------------------------------------
     def refresh(self) -> bool:
+        self.connection.load(self.documents_collection)
+        self.connection.load(self.chunks_collection)
         rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, "id >= 0", _DOCUMENT_FIELDS)]
         live: dict[str, _Row] = {}
         for row in rows:
             if row.state == "done" and (row.path not in live or live[row.path].id < row.id):
                 live[row.path] = row
-        changed = not self._loaded or live != self._live
+        changed = not self._registry_read or live != self._live
         self._live = live
         live_ids = {row.id for row in live.values()}
         self._stale = {row.id for row in rows if row.id not in live_ids}
         self._by_id = {row.id: row for row in live.values()}
         self._next_id = max([self._next_id - 1, *(row.id for row in rows)]) + 1
-        self._loaded = True
+        self._registry_read = True
         return changed
 
-    def _ensure_loaded(self) -> None:
-        if not self._loaded:
+    def _ensure_registry_read(self) -> None:
+        if not self._registry_read:
             self.refresh()
 
     def _repair(self) -> None:
@@ -349,22 +372,22 @@ class MilvusKnowledgeBase(KnowledgeBase):
             self.connection.call("delete", self.documents_collection, filter=f"id in {batch}")
 
     def documents(self) -> list[DocumentRecord]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         return [row.record() for _, row in sorted(self._live.items())]
 
     def document(self, path: str) -> DocumentRecord | None:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         row = self._live.get(path)
         return row.record() if row else None
 
     def chunk_count(self) -> int:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         return sum(row.chunk_count for row in self._live.values())
 
     # ---- writing ---------------------------------------------------------
     def put_documents(self, updates: list[DocumentUpdate]) -> None:
         self._require_writable()
-        self._ensure_loaded()
+        self._ensure_registry_read()
         new_rows = []
         for update in updates:
             if len(update.chunks) >= ORDINALS_PER_DOCUMENT:
@@ -405,7 +428,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
 
     def delete_documents(self, paths: list[str]) -> int:
         self._require_writable()
-        self._ensure_loaded()
+        self._ensure_registry_read()
         doomed = [self._live[p] for p in dict.fromkeys(paths) if p in self._live]
         if not doomed:
             return 0
@@ -439,7 +462,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return [(hit["entity"] | {"id": hit["id"]}, float(hit["distance"])) for hit in result[0]] if result else []
 
     def search(self, query_vector: np.ndarray, top_k: int) -> list[Hit]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         if not self._live:
             return []
         vector = np.asarray(query_vector, dtype=np.float32).reshape(-1).tolist()
@@ -447,7 +470,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return [Hit(chunk, score) for row, score in hits if (chunk := self._chunk(row)) is not None]
 
     def lexical_search(self, query: str, k: int) -> list[tuple[int, float]]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         if not self._live or not query.strip() or k <= 0:
             return []
         hits = self._search([query], "sparse", "BM25", k, {})
@@ -455,7 +478,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return [(int(row["id"]), abs(score)) for row, score in hits if int(row["document_id"]) in self._by_id]
 
     def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRecord]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         ids = sorted({int(i) for i in ids})
         found: dict[int, ChunkRecord] = {}
         for start in range(0, len(ids), _BATCH):
@@ -467,7 +490,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return found
 
     def chunks_of_document(self, document_id: int, first: int, last: int) -> list[ChunkRecord]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         rows = self.connection.call(
             "query", self.chunks_collection, output_fields=_CHUNK_FIELDS, limit=16_000,
             filter=f"document_id == {int(document_id)} and ordinal >= {int(first)} and ordinal <= {int(last)}",
@@ -481,7 +504,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return np.asarray([by_id[int(i)] for i in ids], dtype=np.float32).reshape(len(ids), self.manifest.dimension)
 
     def vectors_by_text(self, text_shas: Iterable[str]) -> dict[str, np.ndarray]:
-        self._ensure_loaded()
+        self._ensure_registry_read()
         wanted = sorted(set(text_shas))
         found: dict[str, np.ndarray] = {}
         for start in range(0, len(wanted), _BATCH):

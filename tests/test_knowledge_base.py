@@ -1,4 +1,5 @@
-"""Knowledge bases end to end on the real embedder, real FAISS and real SQLite."""
+"""Knowledge bases end to end on the real embedder, on both backends: FAISS + BM25 + SQLite
+(local) and embedded Milvus (milvus-lite); tests of one backend's internals use ``local_kbs``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from memory.knowledge_base import (
     join_without_overlap,
     validate_name,
 )
+from memory.milvus_backend import collection_prefix, name_hash
 from rag.retrieval import Retriever
 
 def dense_search(kb, embedder, query: str, top_k: int, step: int = 0):
@@ -58,9 +60,25 @@ def docs(tmp_path):
     return folder
 
 
+@pytest.fixture(params=["local", "milvus"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def kbs(settings):
+def kbs(settings, backend):
+    catalogue = KnowledgeBases.from_settings(settings.model_copy(update={"vector_store": backend}))
+    yield catalogue
+    catalogue.close()
+
+
+@pytest.fixture
+def local_kbs(settings):
     return KnowledgeBases.from_settings(settings)
+
+
+def texts_of(kb) -> list[str]:
+    return [c.text for c in kb.all_chunks()]
 
 
 def ingest(kbs, paths, embedder, name="default", **kwargs):
@@ -91,7 +109,7 @@ def test_reingest_unchanged_embeds_nothing_and_changed_file_is_replaced(kbs, doc
     assert report.count("unchanged") == 3 and len(counting.embedded) == first
 
     kb = kbs.open("default")
-    old_ids = {c for c in kb.store.chunk_ids().tolist()}
+    old_ids = {c.id for c in kb.all_chunks()}
     kb.close()
     (docs / "weather.md").write_text(WEATHER.replace("二十五", "三十"), encoding="utf-8")
     report = ingest(kbs, [docs], counting)
@@ -99,9 +117,9 @@ def test_reingest_unchanged_embeds_nothing_and_changed_file_is_replaced(kbs, doc
     kb = kbs.open("default")
     try:
         assert kb.check_consistency() == []
-        texts = [kb.store.chunks([i])[i].text for i in kb.store.chunk_ids().tolist()]
+        texts = texts_of(kb)
         assert any("三十" in t for t in texts) and not any("二十五" in t for t in texts)
-        assert set(kb.store.chunk_ids().tolist()) != old_ids
+        assert {c.id for c in kb.all_chunks()} != old_ids
     finally:
         kb.close()
 
@@ -113,7 +131,7 @@ def test_identical_text_in_two_files_is_embedded_once(kbs, docs, embedder):
     assert len(counting.embedded) == len(set(counting.embedded))
     kb = kbs.open("default")
     try:
-        assert {d.path.rsplit("/", 1)[1]: d.chunk_count for d in kb.store.documents()}["refund-copy.txt"] > 0
+        assert {d.path.rsplit("/", 1)[1]: d.chunk_count for d in kb.documents()}["refund-copy.txt"] > 0
     finally:
         kb.close()
 
@@ -127,7 +145,7 @@ def test_prune_and_remove(kbs, docs, embedder):
     assert len(removed) == 1
     kb = kbs.open("default")
     try:
-        assert [d.path.rsplit("/", 1)[1] for d in kb.store.documents()] == ["refund.txt"]
+        assert [d.path.rsplit("/", 1)[1] for d in kb.documents()] == ["refund.txt"]
         assert kb.check_consistency() == []
     finally:
         kb.close()
@@ -143,7 +161,7 @@ def test_broken_file_fails_alone_and_unsupported_is_skipped(kbs, docs, embedder)
     assert report.count("skipped") == 1 and report.exit_code == 1
     kb = kbs.open("default")
     try:
-        statuses = {d.path.rsplit("/", 1)[1]: d.status for d in kb.store.documents()}
+        statuses = {d.path.rsplit("/", 1)[1]: d.status for d in kb.documents()}
         assert statuses == {
             "binary.txt": "failed",
             "slides.pptx": "skipped",
@@ -195,21 +213,21 @@ def test_second_writer_fails_fast(kbs, docs, embedder):
         thread.join()
 
 
-def test_stale_or_missing_index_is_reconciled_on_open(kbs, docs, embedder):
-    ingest(kbs, [docs / "refund.txt"], embedder)
-    kb = kbs.open("default")
+def test_stale_or_missing_index_is_reconciled_on_open(local_kbs, docs, embedder):
+    ingest(local_kbs, [docs / "refund.txt"], embedder)
+    kb = local_kbs.open("default")
     old_index = next(kb.store_dir.glob("vectors.*.faiss"))
     saved = old_index.read_bytes()
     kb.close()
-    ingest(kbs, [docs], embedder)
-    kb = kbs.open("default")
+    ingest(local_kbs, [docs], embedder)
+    kb = local_kbs.open("default")
     store_dir = kb.store_dir
     kb.close()
     # Simulate a kill after the store committed but before the index was saved.
     for path in store_dir.glob("vectors.*.faiss"):
         path.unlink()
     old_index.write_bytes(saved)
-    kb = kbs.open("default")
+    kb = local_kbs.open("default")
     try:
         assert kb.check_consistency() == []
         assert len(kb.index) == kb.store.chunk_count()
@@ -218,19 +236,19 @@ def test_stale_or_missing_index_is_reconciled_on_open(kbs, docs, embedder):
         kb.close()
 
 
-def test_an_unchanged_reingest_never_loads_the_index_and_a_change_keeps_it_exact(kbs, docs, embedder, monkeypatch):
+def test_an_unchanged_reingest_never_loads_the_index_and_a_change_keeps_it_exact(local_kbs, docs, embedder, monkeypatch):
     from memory.vector_index import VectorIndex
 
-    ingest(kbs, [docs], embedder)
+    ingest(local_kbs, [docs], embedder)
     loaded: list[str] = []
     original = VectorIndex.load.__func__
     monkeypatch.setattr(VectorIndex, "load", classmethod(lambda cls, path: loaded.append(path) or original(cls, path)))
-    report = ingest(kbs, [docs], embedder)
+    report = ingest(local_kbs, [docs], embedder)
     assert report.count("unchanged") == 3 and loaded == []
     (docs / "weather.md").write_text(WEATHER.replace("二十五", "三十"), encoding="utf-8")
-    report = ingest(kbs, [docs], embedder)
+    report = ingest(local_kbs, [docs], embedder)
     assert report.count("ingested") == 1 and loaded  # the index was loaded before the write
-    kb = kbs.open("default")
+    kb = local_kbs.open("default")
     try:
         assert kb.check_consistency() == []
         assert len(kb.index) == kb.store.chunk_count()
@@ -238,7 +256,7 @@ def test_an_unchanged_reingest_never_loads_the_index_and_a_change_keeps_it_exact
         kb.close()
 
 
-def test_rebuild_switches_embedder_atomically(kbs, docs, embedder, settings, tmp_path):
+def test_rebuild_switches_embedder_atomically(kbs, backend, docs, embedder, settings, tmp_path):
     from memory.embedding import load_embedder, resolve_embedding_model
 
     ingest(kbs, [docs], embedder)
@@ -248,8 +266,13 @@ def test_rebuild_switches_embedder_atomically(kbs, docs, embedder, settings, tmp
     before = kbs.manifest("default")
     after = rebuild(kbs, "default", other)
     assert after.embedding_model == str(copy) and after.store != before.store
-    assert not (kbs.root / "default" / before.store).exists()
-    assert list((kbs.root / "default" / after.store).glob("vectors.*.faiss"))  # saved before the switch
+    if backend == "local":
+        assert not (kbs.root / "default" / before.store).exists()
+        assert list((kbs.root / "default" / after.store).glob("vectors.*.faiss"))  # saved before the switch
+    else:
+        prefix = f"zhiku_{name_hash('default')}_"
+        left = sorted(c for c in kbs.milvus.call("list_collections") if c.startswith(prefix))
+        assert left == [f"{collection_prefix(after)}_chunks", f"{collection_prefix(after)}_documents"]  # old store dropped
     kb = kbs.open("default")
     try:
         assert kb.check_consistency() == []
@@ -265,10 +288,10 @@ def test_neighbour_expansion_joins_without_overlap(kbs, tmp_path, embedder):
     kb = kbs.open("long")
     try:
         hit = dense_search(kb, embedder, "第20句话讲的是编号为20的主题内容", top_k=1)[0]
-        widened = kb.expand(kb.store.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=1, char_budget=10_000)
+        widened = kb.expand(kb.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=1, char_budget=10_000)
         assert len(widened) > len(hit.text)
         assert widened in text  # overlap removed exactly: the joined text is a real span of the document
-        assert len(kb.expand(kb.store.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=3, char_budget=70)) <= 70
+        assert len(kb.expand(kb.chunks([hit.chunk_ids[0]])[hit.chunk_ids[0]], step=3, char_budget=70)) <= 70
     finally:
         kb.close()
 
@@ -287,18 +310,18 @@ def test_scores_are_cosine_similarities(kbs, docs, embedder):
     try:
         query = embedder.embed_queries(["北京明天的天气"])[0]
         hit = kb.search(query, 1)[0]
-        stored = kb.store.vectors(np.array([hit.chunk.id]), kb.manifest.dimension)[0]
+        stored = kb.chunk_vectors([hit.chunk.id])[0]
         assert hit.score == pytest.approx(float(stored @ query), abs=1e-5)
     finally:
         kb.close()
 
 
-def test_readers_are_not_blocked_by_a_writer_mid_transaction(kbs, docs, embedder):
-    ingest(kbs, [docs], embedder)
-    with kbs.writer("default") as writer:
+def test_readers_are_not_blocked_by_a_writer_mid_transaction(local_kbs, docs, embedder):
+    ingest(local_kbs, [docs], embedder)
+    with local_kbs.writer("default") as writer:
         writer.store.conn.execute("BEGIN IMMEDIATE")
         writer.store.conn.execute("DELETE FROM chunks")  # uncommitted: readers must not see it
-        reader = kbs.open("default")
+        reader = local_kbs.open("default")
         try:
             assert reader.store.chunk_count() > 0
             assert dense_search(reader, embedder, "怎么申请退款？", top_k=1)[0].source.endswith("refund.txt")
@@ -320,29 +343,29 @@ def test_pipelined_batches_embed_each_text_once(kbs, tmp_path, embedder):
     kb = kbs.open("default")
     try:
         assert kb.check_consistency() == []
-        assert all(d.chunk_count > 0 for d in kb.store.documents())
+        assert all(d.chunk_count > 0 for d in kb.documents())
         hits = dense_search(kb, embedder, "怎么申请退款？", top_k=4)
         assert {h.source.rsplit("/", 1)[1] for h in hits} <= {"f1.txt", "f3.txt", "f5.txt", "f7.txt"}
     finally:
         kb.close()
 
 
-def test_parsing_in_a_separate_process_stores_what_parsing_in_process_does(kbs, docs, embedder, monkeypatch):
+def test_parsing_in_a_separate_process_stores_what_parsing_in_process_does(local_kbs, docs, embedder, monkeypatch):
     import memory.ingestion
 
     (docs / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (docs / "slides.pptx").write_bytes(b"PK\x03\x04 not really")
-    in_process = ingest(kbs, [docs], embedder, name="inline")
+    in_process = ingest(local_kbs, [docs], embedder, name="inline")
     monkeypatch.setattr(memory.ingestion, "PARALLEL_PARSE_MIN_FILES", 1)
     monkeypatch.setattr(memory.ingestion, "PARSE_GROUP_FILES", 2)  # several requests in flight
     monkeypatch.setattr(memory.ingestion, "READ_AHEAD_FILES", 2)
-    parallel = ingest(kbs, [docs], embedder, name="worker")
+    parallel = ingest(local_kbs, [docs], embedder, name="worker")
     assert [(o.path, o.outcome, o.chunks, o.error) for o in parallel.outcomes] == [
         (o.path, o.outcome, o.chunks, o.error) for o in in_process.outcomes
     ]
 
     def rows(name):
-        kb = kbs.open(name)
+        kb = local_kbs.open(name)
         try:
             return kb.store.conn.execute(
                 "SELECT d.path, c.ordinal, c.text, c.text_sha, c.pages, c.start_offset, c.end_offset, c.tokens, c.vector"

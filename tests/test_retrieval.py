@@ -1,4 +1,5 @@
-"""Hybrid retrieval (rag.retrieval) on the real embedder: fusion, threshold, merging, reranker plumbing."""
+"""Hybrid retrieval (rag.retrieval) on the real embedder, over both backends (local and embedded
+Milvus): fusion, threshold, merging, reranker plumbing."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ REFUND = "退款政策\n\n购买后七天内可以申请无理由退款。退款
 FAILURES = ["磁盘配额已满", "网络连接超时", "证书已经过期", "内存不足", "权限被拒绝", "配置文件缺失", "端口被占用", "数据库锁等待"]
 
 
-@pytest.fixture
-def kbs(settings, tmp_path, embedder):
+@pytest.fixture(params=["local", "milvus"])
+def kbs(request, settings, tmp_path, embedder):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "refund.txt").write_text(REFUND, encoding="utf-8")
@@ -24,9 +25,10 @@ def kbs(settings, tmp_path, embedder):
         (folder / f"error{n}.txt").write_text(f"错误码说明\n\n错误码 {code} 表示{failure}，请联系管理员处理。", encoding="utf-8")
     long_text = "".join(f"第{i}节介绍编号{i}的主题，内容各不相同。" for i in range(30))
     (folder / "long.txt").write_text(long_text, encoding="utf-8")
-    knowledge_bases = KnowledgeBases.from_settings(settings)
+    knowledge_bases = KnowledgeBases.from_settings(settings.model_copy(update={"vector_store": request.param}))
     add_paths(knowledge_bases, "kb", [folder], embedder, chunk_size=60, chunk_overlap=15)
-    return knowledge_bases
+    yield knowledge_bases
+    knowledge_bases.close()
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def test_exact_identifier_comes_back_first(retriever, kbs):
     kb = kbs.open("kb")
     try:
         top_lexical = kb.lexical_search(code, 1)[0][0]
-        assert code in kb.store.chunks([top_lexical])[top_lexical].text
+        assert code in kb.chunks([top_lexical])[top_lexical].text
     finally:
         kb.close()
 
@@ -81,7 +83,7 @@ def test_paraphrase_only_dense_finds_comes_back(retriever, kbs):
     question = "买了东西后悔了，怎么把钱要回来"
     kb = kbs.open("kb")
     try:
-        lexical_sources = {kb.store.chunks([i])[i].path for i, _ in kb.lexical_search(question, 10)}
+        lexical_sources = {kb.chunks([i])[i].path for i, _ in kb.lexical_search(question, 10)}
     finally:
         kb.close()
     assert not any(s.endswith("refund.txt") for s in lexical_sources)  # BM25 alone cannot find it
@@ -113,8 +115,8 @@ def test_threshold_drops_low_passages_and_can_leave_nothing(retriever):
 def test_adjacent_hits_of_one_document_merge_into_one_passage(kbs):
     kb = kbs.open("kb")
     try:
-        (long_doc,) = [d for d in kb.store.documents() if d.path.endswith("long.txt")]
-        chunks = {c.ordinal: c for c in kb.store.chunks_of_document(long_doc.id, 0, long_doc.chunk_count)}
+        (long_doc,) = [d for d in kb.documents() if d.path.endswith("long.txt")]
+        chunks = {c.ordinal: c for c in kb.chunks_of_document(long_doc.id, 0, long_doc.chunk_count)}
         ranked = [Candidate(chunks[o], 0.5, 1.0 / (1 + n)) for n, o in enumerate([3, 12, 4, 6])]
         passages = merge_into_passages(kb, ranked, top_k=2, step=0, char_budget=1500)
         assert [p.chunk_ids for p in passages] == [(chunks[3].id, chunks[4].id), (chunks[12].id,)]
@@ -129,10 +131,10 @@ def test_adjacent_hits_of_one_document_merge_into_one_passage(kbs):
 def test_lower_ranked_hit_joins_a_chosen_passage_after_the_slots_are_taken(kbs):
     kb = kbs.open("kb")
     try:
-        documents = {Path(d.path).name: d for d in kb.store.documents()}
+        documents = {Path(d.path).name: d for d in kb.documents()}
         long_doc = documents["long.txt"]
-        chunks = {c.ordinal: c for c in kb.store.chunks_of_document(long_doc.id, 0, long_doc.chunk_count)}
-        refund = kb.store.chunks_of_document(documents["refund.txt"].id, 0, 0)[0]
+        chunks = {c.ordinal: c for c in kb.chunks_of_document(long_doc.id, 0, long_doc.chunk_count)}
+        refund = kb.chunks_of_document(documents["refund.txt"].id, 0, 0)[0]
         # two slots: 3 and 12 take them; the refund chunk and 9 find none, yet 4 (ranked after them) touches 3
         ranked = [Candidate(c, 0.5, 1.0 / (1 + n)) for n, c in enumerate([chunks[3], chunks[12], refund, chunks[9], chunks[4]])]
         passages = merge_into_passages(kb, ranked, top_k=2, step=0, char_budget=1500)
