@@ -31,7 +31,7 @@ from rag.retrieval import Retriever
 from settings import Settings
 
 app = typer.Typer(
-    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in, FAISS + BM25 + SQLite out.",
+    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in; local files (SQLite + FAISS + BM25) or Milvus out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -108,7 +108,8 @@ class MilvusConnection:
             return
         from filelock import FileLock, Timeout
 
-        lock = FileLock(f"{self.uri}.lock", is_singleton=True)  # one per path in this process: clients in it share the server
+        # one lock object per path in this process, counting its connections across threads
+        lock = FileLock(f"{self.uri}.lock", is_singleton=True, thread_local=False)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -133,6 +134,18 @@ class MilvusConnection:
             except _milvus_errors():
                 pass
             self._client = None
+        self._release_embedded()
+
+    def _release_embedded(self) -> None:
+        """Stop the embedded server when the last connection of this process to it closes, so another process may open it."""
+        if self._embedded_lock is None:
+            return
+        lock, self._embedded_lock = self._embedded_lock, None
+        lock.release()
+        if not lock.is_locked:  # the lock counts this process's connections to the file
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
     def query_all(self, collection: str, filter: str, fields: list[str]) -> list[dict]:
         """Every row matching ``filter`` (Milvus caps one query's window, so this pages by id)."""
