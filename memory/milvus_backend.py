@@ -23,7 +23,9 @@ and only then deletes the old version's chunks and row. Deleting marks the row
 leaves a knowledge base that searches correctly (the old version or the new
 one, never a mix); the next writer deletes what the killed one left.
 
-Chunk ids are ``document id * 2**20 + ordinal``; document ids only grow.
+Chunk ids are ``document id * 2**20 + ordinal``; document ids are random, so replicas
+uploading to one knowledge base at once never collide, and a path's version in use is the
+newest by the time its writing began.
 Embedded milvus-lite (a local folder, no ``milvus_uri``) serves one process at
 a time: share a knowledge base between processes through a Milvus server
 (``milvus-lite server --data-dir DIR --port 19530`` is one).
@@ -34,10 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import string
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,7 +52,10 @@ ORDINALS_PER_DOCUMENT = 2**20
 _BATCH = 1000
 _PLACEHOLDER = [1.0, 0.0]  # Milvus wants a vector field in every collection; registry rows carry this one
 _CHUNK_FIELDS = ["id", "document_id", "ordinal", "text", "text_sha", "pages", "start", "end"]
-_DOCUMENT_FIELDS = ["id", "path", "sha256", "size", "status", "error", "chunk_count", "state"]
+_DOCUMENT_FIELDS = ["id", "path", "sha256", "size", "status", "error", "chunk_count", "state", "started_at"]
+WRITING_LEASE_S = 900.0
+"""A version still ``writing`` after this long was abandoned by a killed writer (on a shared Milvus,
+where another replica may be writing right now; embedded milvus-lite has one writer and repairs at once)."""
 # jieba emits punctuation as tokens; BM25 over "，" and "。" ranks every chunk alike (the local tokenizer drops them too)
 PUNCTUATION = sorted(set(string.punctuation) | set("，。、；：？！“”‘’（）《》【】〔〕—…·「」『』〈〉～￥　"))
 ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": PUNCTUATION}]}
@@ -88,7 +94,7 @@ class MilvusConnection:
 
             # pymilvus logs every failed call with a traceback; the errors reach the user through call() instead
             logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-            if "://" not in self.uri:  # embedded milvus-lite serves from this process: keep its noise quiet
+            if self.embedded:  # embedded milvus-lite serves from this process: keep its noise quiet
                 import jieba
 
                 jieba.setLogLevel(logging.WARNING)  # its dictionary banner
@@ -102,9 +108,14 @@ class MilvusConnection:
                 ) from None
         return self._client
 
+    @property
+    def embedded(self) -> bool:
+        """milvus-lite inside this process (a local path), not a server."""
+        return "://" not in self.uri
+
     def _hold_embedded(self) -> None:
         """Embedded milvus-lite runs inside this process: refuse a second process rather than let two write one folder."""
-        if "://" in self.uri:
+        if not self.embedded:
             return
         from filelock import FileLock, Timeout
 
@@ -248,19 +259,26 @@ class _Row:
     error: str | None
     chunk_count: int
     state: str
+    started_at: float  # when this version began to be written: the newest done version of a path is the one in use
 
     @classmethod
     def of(cls, row: dict) -> "_Row":
         return cls(
             int(row["id"]), row["path"], row["sha256"] or None, None if row["size"] < 0 else int(row["size"]),
-            row["status"], row["error"] or None, int(row["chunk_count"]), row["state"],
+            row["status"], row["error"] or None, int(row["chunk_count"]), row["state"], float(row["started_at"]),
         )  # fmt: skip
+
+    def newer_than(self, other: "_Row") -> bool:
+        return (self.started_at, self.id) > (other.started_at, other.id)
+
+    def with_state(self, state: str) -> "_Row":
+        return replace(self, state=state)
 
     def fields(self) -> dict:
         return {
             "id": self.id, "path": self.path, "sha256": self.sha256 or "", "size": -1 if self.size is None else self.size,
             "status": self.status, "error": (self.error or "")[:4000], "chunk_count": self.chunk_count, "state": self.state,
-            "updated_at": time.time(), "placeholder": _PLACEHOLDER,
+            "started_at": self.started_at, "placeholder": _PLACEHOLDER,
         }  # fmt: skip
 
     def record(self) -> DocumentRecord:
@@ -280,7 +298,8 @@ class MilvusKnowledgeBase(KnowledgeBase):
         self._live: dict[str, _Row] = {}  # path -> the row readers use
         self._stale: set[int] = set()  # ids of every other row: their chunks are invisible
         self._by_id: dict[int, _Row] = {}
-        self._next_id = 1
+        self._writing: dict[int, float] = {}  # id -> started_at of versions still being written
+        self._abandoned_before = 0.0
         self._registry_read = False
         if writable:
             self._create_collections()
@@ -302,7 +321,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
             schema.add_field("error", DataType.VARCHAR, max_length=16384)
             schema.add_field("chunk_count", DataType.INT64)
             schema.add_field("state", DataType.VARCHAR, max_length=16)
-            schema.add_field("updated_at", DataType.DOUBLE)
+            schema.add_field("started_at", DataType.DOUBLE)
             schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
             index = call("prepare_index_params")
             index.add_index("placeholder", index_type="FLAT", metric_type="IP")
@@ -356,14 +375,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
         rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, "id >= 0", _DOCUMENT_FIELDS)]
         live: dict[str, _Row] = {}
         for row in rows:
-            if row.state == "done" and (row.path not in live or live[row.path].id < row.id):
+            if row.state == "done" and (row.path not in live or row.newer_than(live[row.path])):
                 live[row.path] = row
         changed = not self._registry_read or live != self._live
         self._live = live
         live_ids = {row.id for row in live.values()}
         self._stale = {row.id for row in rows if row.id not in live_ids}
         self._by_id = {row.id: row for row in live.values()}
-        self._next_id = max([self._next_id - 1, *(row.id for row in rows)]) + 1
+        self._abandoned_before = time.time() - (0 if self.connection.embedded else WRITING_LEASE_S)
+        self._writing = {row.id: row.started_at for row in rows if row.state == "writing"}
         self._registry_read = True
         return changed
 
@@ -372,10 +392,19 @@ class MilvusKnowledgeBase(KnowledgeBase):
             self.refresh()
 
     def _repair(self) -> None:
-        """Delete what a killed writer left: rows not in use, then (chunks first) their chunks."""
-        if self._stale:
-            self._delete_rows(sorted(self._stale))
-            self._stale = set()
+        """Delete what killed writers left: superseded and half-deleted versions, and abandoned half-written ones
+        (chunks first). A version another replica is writing right now is left alone."""
+        doomed = {i for i in self._stale if self._writing.get(i, 0.0) <= self._abandoned_before}
+        if doomed:
+            self._delete_rows(sorted(doomed))
+            self._stale -= doomed
+
+    def _new_document_id(self) -> int:
+        """A random id: replicas writing one knowledge base at once never pick the same (2**42 ids, so chunk ids fit int64)."""
+        while True:
+            candidate = secrets.randbits(42) + 1
+            if candidate not in self._by_id and candidate not in self._stale:
+                return candidate
 
     def _delete_rows(self, ids: list[int]) -> None:
         """Chunks before rows: a chunk is never left without the row that tells readers to ignore it."""
@@ -406,14 +435,16 @@ class MilvusKnowledgeBase(KnowledgeBase):
             if len(update.chunks) >= ORDINALS_PER_DOCUMENT:
                 raise KnowledgeBaseError(f"{update.path}: more than {ORDINALS_PER_DOCUMENT:,} chunks in one document")
             new_rows.append(
-                _Row(self._next_id, update.path, update.sha256, update.size, update.status, update.error, len(update.chunks), "writing")
+                _Row(
+                    self._new_document_id(), update.path, update.sha256, update.size, update.status, update.error,
+                    len(update.chunks), "writing", time.time(),
+                )  # fmt: skip
             )
-            self._next_id += 1
         old = [self._live[u.path].id for u in updates if u.path in self._live]
         call = self.connection.call
         call("upsert", self.documents_collection, [row.fields() for row in new_rows])
         self._insert_chunks(new_rows, updates)
-        done = [_Row(**{**row.__dict__, "state": "done"}) for row in new_rows]
+        done = [row.with_state("done") for row in new_rows]
         call("upsert", self.documents_collection, [row.fields() for row in done])
         for row in done:
             self._live[row.path] = row
@@ -445,7 +476,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         doomed = [self._live[p] for p in dict.fromkeys(paths) if p in self._live]
         if not doomed:
             return 0
-        marked = [_Row(**{**row.__dict__, "state": "deleting"}) for row in doomed]
+        marked = [row.with_state("deleting") for row in doomed]
         self.connection.call("upsert", self.documents_collection, [row.fields() for row in marked])
         for row in doomed:
             del self._live[row.path]
