@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 
 from models.cache import NotInCache, hf_cache_snapshot
-from models.torch_device import cpu_has_fast_bf16, resolve_device
+from models.torch_device import resolve_device, resolve_dtype
 from settings import BUNDLED_EMBEDDING_MODEL, Settings
 
 __all__ = [
@@ -373,20 +373,6 @@ def _find_malloc_trim():
 
 
 _LIBC_TRIM = _find_malloc_trim()
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The torch precision for ``dtype`` on ``device``.
-
-    'auto' picks float16 on CUDA and bfloat16 on CPUs with native bf16 matmuls
-    (AMX, AVX512-BF16), where it embeds 2-3x faster than fp32 at a cosine of
-    >= 0.998 to the fp32 vectors (docs/BENCHMARKS.md); elsewhere float32.
-    """
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "float16"
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
 @contextlib.contextmanager

@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     embedding_device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     embedding_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Torch backend precision. 'auto': float16 on CUDA, bfloat16 on CPUs with native bf16 "
+        description="Torch backend precision. 'auto' (one policy with the generator): bfloat16 on CUDA (float16 "
+        "before Ampere), bfloat16 on CPUs with native bf16 "
         "matmuls (AMX, AVX512-BF16: measured 2-3x faster, same retrieval quality), else float32.",
     )
     embedding_batch_size: int = Field(32, ge=1)

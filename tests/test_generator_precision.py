@@ -13,8 +13,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 def test_auto_precision_follows_the_cpu():
-    from memory.embedding import resolve_dtype
-    from models.torch_device import cpu_has_fast_bf16
+    from models.torch_device import cpu_has_fast_bf16, resolve_dtype
     from rag.local_generator import generator_dtype
 
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
@@ -22,6 +21,19 @@ def test_auto_precision_follows_the_cpu():
     assert generator_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     assert generator_dtype("float32", "cpu") == torch.float32 and resolve_dtype("float32", "cpu") == "float32"
+
+
+def test_embedder_and_generator_share_one_policy_on_cuda_too(monkeypatch, embedder):
+    from memory.embedding import Embedder
+    from models.torch_device import resolve_dtype
+    from rag.local_generator import generator_dtype
+
+    for bf16 in (True, False):  # Ampere and later, then older GPUs
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        expected = "bfloat16" if bf16 else "float16"
+        assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == expected
+        assert generator_dtype("auto", "cuda") == getattr(torch, expected)
+        assert Embedder(embedder.model_id, embedder.path, device="cuda").dtype == expected  # nothing is loaded
 
 
 async def _answer(gen, messages, adapter=None) -> tuple[str, Finished]:

@@ -10,19 +10,13 @@ from typing import Any
 
 import torch
 
-from models.torch_device import cpu_has_fast_bf16
+from models.torch_device import resolve_dtype
 from rag.generation import GenerationError
 
 
 def generator_dtype(dtype: str, device: str) -> torch.dtype:
-    """The torch dtype the generator runs in for the ``generator_dtype`` setting on ``device``."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: bf16 where the matmuls are native (1.8x faster prefill, same answer likelihood:
-    # docs/BENCHMARKS.md, generator precision); elsewhere CPU half precision is slow
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    """The torch dtype the generator runs in for the ``generator_dtype`` setting on ``device`` (one policy with the embedder)."""
+    return getattr(torch, resolve_dtype(dtype, device))
 
 
 def load_model(path: str | Path, device: str, dtype: str, quantization: str):
