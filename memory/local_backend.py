@@ -7,13 +7,13 @@ Layout of ``<ZHIKU_HOME>/kb/<name>/<store>/``::
     lexical.<generation>/      the BM25 index over the chunks' stored tokens
 
 Crash safety: every write is one SQLite transaction that bumps the store's
-*generation*; the FAISS file is saved atomically under the generation it
-reflects. Opening a knowledge base whose newest FAISS file is older than the
+*generation*; the FAISS file and the BM25 folder are derived from the store and
+saved atomically under the generation they reflect (one mechanism for both:
+``memory.saved_generations``). Opening a knowledge base whose newest FAISS file is older than the
 store brings it in step (removing and adding the differing chunk ids), so a kill
 at any moment leaves a loadable, consistent knowledge base.
 
-The BM25 index follows the same rule: a folder saved atomically under the
-generation it reflects. It is rebuilt from the tokens stored with each chunk
+The BM25 index is rebuilt from the tokens stored with each chunk
 (cheap: no tokeniser runs) whenever the newest saved folder is older than the
 store; writers save it when they close, readers only build it in memory. It is
 built lazily, on the first lexical search, so dense-only work never pays for it.
@@ -21,8 +21,6 @@ built lazily, on the first lexical search, so dense-only work never pays for it.
 
 from __future__ import annotations
 
-import re
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,14 +31,12 @@ import numpy as np
 from memory.backend import DocumentUpdate, Hit, KnowledgeBase, Manifest
 from memory.chunk_store import ChunkRecord, ChunkStore, DocumentRecord
 from memory.lexical_index import LexicalIndex, LexicalIndexError, tokenize
+from memory.saved_generations import SavedGenerations
 
 if TYPE_CHECKING:
     from memory.vector_index import VectorIndex
 
 STORE_DB = "chunks.sqlite"
-_INDEX_FILE = re.compile(r"^vectors\.(\d+)\.faiss$")
-_LEXICAL_DIR = re.compile(r"^lexical\.(\d+)$")
-_LEXICAL_TMP = re.compile(r"^\.lexical\.\d+\..*\.tmp$")
 
 
 class LocalKnowledgeBase(KnowledgeBase):
@@ -57,6 +53,8 @@ class LocalKnowledgeBase(KnowledgeBase):
         if writable:
             self.store_dir.mkdir(parents=True, exist_ok=True)
         self.store = ChunkStore(self.store_dir / STORE_DB, create=writable)
+        self.saved_vectors = SavedGenerations(self.store_dir, "vectors", ".faiss")
+        self.saved_lexical = SavedGenerations(self.store_dir, "lexical")
         self._index: VectorIndex | None = None  # loaded on first use, see ``index``
         self._index_generation = -1  # the store generation the loaded index reflects
         self._lexical: LexicalIndex | None = None
@@ -70,7 +68,7 @@ class LocalKnowledgeBase(KnowledgeBase):
     def close(self) -> None:
         if self.writable:
             self.save_index()
-            if not (self.store_dir / f"lexical.{self.store.generation()}").is_dir():
+            if not self.saved_lexical.path(self.store.generation()).is_dir():
                 self.save_lexical()
         self.store.close()
 
@@ -88,39 +86,19 @@ class LocalKnowledgeBase(KnowledgeBase):
 
     def refresh(self) -> bool:
         """Bring the in-memory index up to the store's latest commit; True when it changed."""
-        from memory.vector_index import reconcile
+        from memory.vector_index import VectorIndex, VectorIndexError, reconcile
 
         with self.store.snapshot():
             generation = self.store.generation()
             if self._index is not None and generation == self._index_generation:
                 return False
-            saved_generation, index = self._newest_saved_index(generation)
+            newest = self.saved_vectors.load_newest(generation, VectorIndex.load, VectorIndexError)
+            saved_generation, index = newest or (-1, VectorIndex.create(self.manifest.dimension))
             if saved_generation != generation:
                 reconcile(index, self.store.chunk_ids(), self._vectors_of)
             self._index = index.rebuilt_for_size(self._all_vectors, self._exact_max, self._nprobe)
             self._index_generation = generation
         return True
-
-    def _newest_saved_index(self, at_most: int) -> tuple[int, VectorIndex]:
-        """The newest readable FAISS file no newer than the store, else an empty index."""
-        from memory.vector_index import VectorIndex, VectorIndexError
-
-        for generation, path in sorted(self._index_files(), reverse=True):
-            if generation > at_most:
-                continue
-            try:
-                return generation, VectorIndex.load(path)
-            except VectorIndexError:
-                continue
-        return -1, VectorIndex.create(self.manifest.dimension)
-
-    def _index_files(self) -> list[tuple[int, Path]]:
-        found = []
-        for path in self.store_dir.iterdir():
-            match = _INDEX_FILE.match(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return found
 
     def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
         return self.store.vectors(ids, self.manifest.dimension)
@@ -129,15 +107,10 @@ class LocalKnowledgeBase(KnowledgeBase):
         return self.store.all_vectors(self.manifest.dimension)
 
     def save_index(self) -> None:
-        """Save the index under its generation and drop older files (writers only)."""
+        """Save the index under its generation and drop older copies (writers only)."""
         if not self.writable or self._index is None:  # never loaded: nothing changed it
             return
-        current = self.store_dir / f"vectors.{self._index_generation}.faiss"
-        if not current.exists():
-            self.index.save(current)
-        for generation, path in self._index_files():
-            if generation < self._index_generation:
-                path.unlink(missing_ok=True)
+        self.saved_vectors.save(self._index_generation, self.index.save)
         self._index_saved_at = time.monotonic()
 
     # ---- the lexical (BM25) index ----------------------------------------
@@ -146,43 +119,21 @@ class LocalKnowledgeBase(KnowledgeBase):
         with self.store.snapshot():
             generation = self.store.generation()
             if generation != self._lexical_generation or self._lexical is None:
-                self._lexical = self._saved_lexical(generation) or LexicalIndex.build_streaming(self.store.iter_tokens())
+                saved = self.saved_lexical.load_exactly(generation, LexicalIndex.load, LexicalIndexError)
+                self._lexical = saved or LexicalIndex.build_streaming(self.store.iter_tokens())
                 self._lexical_generation = generation
         return self._lexical
 
-    def _saved_lexical(self, generation: int) -> LexicalIndex | None:
-        path = self.store_dir / f"lexical.{generation}"
-        if not path.is_dir():
-            return None
-        try:
-            return LexicalIndex.load(path)
-        except LexicalIndexError:
-            return None  # unreadable: rebuilt from the store (and re-saved by the next writer)
-
-    def _lexical_dirs(self) -> list[tuple[int, Path]]:
-        found = []
-        for path in self.store_dir.iterdir():
-            match = _LEXICAL_DIR.match(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return found
-
     def save_lexical(self) -> None:
-        """Save the BM25 index under the store's generation; drop older and half-written folders (writers only)."""
+        """Save the BM25 index under the store's generation; drop older and half-written copies (writers only)."""
         if not self.writable:
             return
-        index = self.lexical_index()
-        generation = self._lexical_generation
-        current = self.store_dir / f"lexical.{generation}"
-        if not current.is_dir() or self._saved_lexical(generation) is None:
-            shutil.rmtree(current, ignore_errors=True)
-            index.save(current)
-        for older, path in self._lexical_dirs():
-            if older < generation:
-                shutil.rmtree(path, ignore_errors=True)
-        for path in self.store_dir.iterdir():
-            if _LEXICAL_TMP.match(path.name):
-                shutil.rmtree(path, ignore_errors=True)
+        index, generation = self.lexical_index(), self._lexical_generation
+
+        def readable(path: Path) -> bool:  # a corrupt copy at this generation is replaced, not kept
+            return self.saved_lexical.load_exactly(generation, LexicalIndex.load, LexicalIndexError) is not None
+
+        self.saved_lexical.save(generation, index.save, usable=readable)
 
     def lexical_search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The ``k`` chunks with the best BM25 score for ``query``: (chunk id, score), best first."""

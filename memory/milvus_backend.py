@@ -248,18 +248,11 @@ class MilvusCatalogue:
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One registry row."""
+class _Row(DocumentRecord):
+    """One registry row: a document version and where its writing stands."""
 
-    id: int
-    path: str
-    sha256: str | None
-    size: int | None
-    status: str
-    error: str | None
-    chunk_count: int
-    state: str
-    started_at: float  # when this version began to be written: the newest done version of a path is the one in use
+    state: str = "done"  # writing, done or deleting
+    started_at: float = 0.0  # when this version began to be written: a path's newest done version is the one in use
 
     @classmethod
     def of(cls, row: dict) -> "_Row":
