@@ -344,6 +344,9 @@ class MilvusKnowledgeBase(KnowledgeBase):
     def close(self) -> None:
         if self.writable:
             self._fit_index()
+            # sealed segments: milvus-lite searches rows still in its write buffer ~25x slower (docs/BENCHMARKS.md)
+            self.connection.call("flush", self.documents_collection)
+            self.connection.call("flush", self.chunks_collection)
 
     def _fit_index(self) -> None:
         """Exact search up to ``exact_max`` chunks, HNSW above (back to exact below half of it)."""
@@ -491,12 +494,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
             tuple(json.loads(row["pages"])), int(row["start"]), int(row["end"]), row["text_sha"],
         )  # fmt: skip
 
-    def _search(self, data, field: str, metric: str, k: int, params: dict) -> list[tuple[dict, float]]:
+    def _search(self, data, field: str, metric: str, k: int, params: dict) -> list[tuple[int, float]]:
+        """(chunk id, distance) of the visible chunks nearest ``data``; rows are fetched by id afterwards,
+        which is faster than carrying them through the search."""
         result = self.connection.call(
             "search", self.chunks_collection, data=data, anns_field=field, limit=k, filter=self._visible(),
-            output_fields=_CHUNK_FIELDS, search_params={"metric_type": metric, "params": params},
+            output_fields=["document_id"], search_params={"metric_type": metric, "params": params},
         )  # fmt: skip
-        return [(hit["entity"] | {"id": hit["id"]}, float(hit["distance"])) for hit in result[0]] if result else []
+        hits = result[0] if result else []
+        return [(int(hit["id"]), float(hit["distance"])) for hit in hits if int(hit["entity"]["document_id"]) in self._by_id]
 
     def search(self, query_vector: np.ndarray, top_k: int) -> list[Hit]:
         self._ensure_registry_read()
@@ -504,15 +510,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
             return []
         vector = np.asarray(query_vector, dtype=np.float32).reshape(-1).tolist()
         hits = self._search([vector], "vector", "IP", top_k, {"ef": max(HNSW_EF, top_k)})
-        return [Hit(chunk, score) for row, score in hits if (chunk := self._chunk(row)) is not None]
+        records = self.chunks(i for i, _ in hits)
+        return [Hit(records[i], score) for i, score in hits if i in records]
 
     def lexical_search(self, query: str, k: int) -> list[tuple[int, float]]:
         self._ensure_registry_read()
         if not self._live or not query.strip() or k <= 0:
             return []
-        hits = self._search([query], "sparse", "BM25", k, {})
         # milvus-lite reports BM25 as a negated distance, a Milvus server as the score: both rank best first
-        return [(int(row["id"]), abs(score)) for row, score in hits if int(row["document_id"]) in self._by_id]
+        return [(i, abs(score)) for i, score in self._search([query], "sparse", "BM25", k, {})]
 
     def chunks(self, ids: Iterable[int]) -> dict[int, ChunkRecord]:
         self._ensure_registry_read()
@@ -528,12 +534,12 @@ class MilvusKnowledgeBase(KnowledgeBase):
 
     def chunks_of_document(self, document_id: int, first: int, last: int) -> list[ChunkRecord]:
         self._ensure_registry_read()
-        rows = self.connection.call(
-            "query", self.chunks_collection, output_fields=_CHUNK_FIELDS, limit=16_000,
-            filter=f"document_id == {int(document_id)} and ordinal >= {int(first)} and ordinal <= {int(last)}",
-        )  # fmt: skip
-        chunks = [chunk for row in rows if (chunk := self._chunk(row)) is not None]
-        return sorted(chunks, key=lambda c: c.ordinal)
+        document = self._by_id.get(int(document_id))
+        if document is None:
+            return []
+        ordinals = range(max(0, int(first)), min(int(last), document.chunk_count - 1) + 1)
+        # chunk ids follow from document and ordinal: a primary-key lookup, not a filtered scan
+        return sorted(self.chunks(document.id * ORDINALS_PER_DOCUMENT + o for o in ordinals).values(), key=lambda c: c.ordinal)
 
     def chunk_vectors(self, ids: list[int]) -> np.ndarray:
         rows = self.connection.call("get", self.chunks_collection, ids=[int(i) for i in ids], output_fields=["vector"])
