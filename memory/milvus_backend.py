@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import string
 import time
@@ -50,6 +51,8 @@ from memory.chunk_store import ChunkRecord, DocumentRecord
 CATALOGUE = "zhiku_catalogue"
 ORDINALS_PER_DOCUMENT = 2**20
 _BATCH = 1000
+_ITERATOR_BATCH = 8000
+_STAMP_ID = 0  # the registry row whose value changes with every write (document ids start at 1)
 _PLACEHOLDER = [1.0, 0.0]  # Milvus wants a vector field in every collection; registry rows carry this one
 _CHUNK_FIELDS = ["id", "document_id", "ordinal", "text", "text_sha", "pages", "start", "end"]
 _DOCUMENT_FIELDS = ["id", "path", "sha256", "size", "status", "error", "chunk_count", "state", "started_at"]
@@ -90,6 +93,8 @@ class MilvusConnection:
 
     def client(self):
         if self._client is None:
+            # gRPC's C core prints keepalive notices (GOAWAY "too_many_pings") on long runs; errors reach users via call()
+            os.environ.setdefault("GRPC_VERBOSITY", "NONE")
             from pymilvus import MilvusClient
 
             # pymilvus logs every failed call with a traceback; the errors reach the user through call() instead
@@ -159,20 +164,21 @@ class MilvusConnection:
             server_manager_instance.release_server(self.uri)
 
     def query_all(self, collection: str, filter: str, fields: list[str]) -> list[dict]:
-        """Every row matching ``filter`` (Milvus caps one query's window, so this pages by id)."""
+        """Every row matching ``filter``: one query's window is capped (16,384 rows) and returns rows in no
+        particular order, so this reads through a query iterator."""
         rows: list[dict] = []
-        last = -1
-        while True:
-            page = self.call(
-                "query", collection, filter=f"({filter}) and id > {last}", output_fields=fields, limit=16_000
-            )
-            if not page:
-                return rows
-            page = sorted(page, key=lambda r: r["id"])
-            rows += page
-            last = page[-1]["id"]
-            if len(page) < 16_000:
-                return rows
+        iterator = self.call("query_iterator", collection, batch_size=_ITERATOR_BATCH, filter=filter, output_fields=fields)
+        try:
+            while True:
+                try:
+                    page = iterator.next()
+                except _milvus_errors() as exc:
+                    raise KnowledgeBaseUnavailable(f"Milvus at {self.uri} failed (query): {_reason(exc)}") from None
+                if not page:
+                    return rows
+                rows += page
+        finally:
+            iterator.close()
 
 
 def _reason(exc: BaseException) -> str:
@@ -221,7 +227,7 @@ class MilvusCatalogue:
 
     def manifests(self) -> dict[str, Manifest]:
         self._ensure()
-        rows = self.connection.call("query", CATALOGUE, filter='name != ""', output_fields=["name", "manifest"], limit=16_000)
+        rows = self.connection.query_all(CATALOGUE, 'name != ""', ["name", "manifest"])
         return {row["name"]: Manifest.from_json(row["manifest"]) for row in rows}
 
     def manifest(self, name: str) -> Manifest | None:
@@ -291,6 +297,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         self._live: dict[str, _Row] = {}  # path -> the row readers use
         self._stale: set[int] = set()  # ids of every other row: their chunks are invisible
         self._by_id: dict[int, _Row] = {}
+        self._stamp: float | None = None  # the registry's stamp when this object last read it
         self._writing: dict[int, float] = {}  # id -> started_at of versions still being written
         self._abandoned_before = 0.0
         self._registry_read = False
@@ -366,9 +373,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
 
     # ---- the registry ----------------------------------------------------
     def refresh(self) -> bool:
+        """Re-read the registry when a writer has changed it since (its stamp row says so): one primary-key
+        lookup per request, not a read of every document."""
         self.connection.load(self.documents_collection)
         self.connection.load(self.chunks_collection)
-        rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, "id >= 0", _DOCUMENT_FIELDS)]
+        stamp = self._read_stamp()  # before the registry: a write after this read changes the stamp again
+        if self._registry_read and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, f"id != {_STAMP_ID}", _DOCUMENT_FIELDS)]
         live: dict[str, _Row] = {}
         for row in rows:
             if row.state == "done" and (row.path not in live or row.newer_than(live[row.path])):
@@ -382,6 +395,16 @@ class MilvusKnowledgeBase(KnowledgeBase):
         self._writing = {row.id: row.started_at for row in rows if row.state == "writing"}
         self._registry_read = True
         return changed
+
+    def _read_stamp(self) -> float | None:
+        rows = self.connection.call("get", self.documents_collection, ids=[_STAMP_ID], output_fields=["started_at"])
+        return float(rows[0]["started_at"]) if rows else None
+
+    def _bump_stamp(self) -> None:
+        """Tell readers the set of done versions changed (after it did, before old chunks go)."""
+        self._stamp = float(secrets.randbits(52))
+        row = _Row(_STAMP_ID, "", None, None, "", None, 0, "stamp", self._stamp)
+        self.connection.call("upsert", self.documents_collection, [row.fields()])
 
     def _ensure_registry_read(self) -> None:
         if not self._registry_read:
@@ -447,6 +470,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
             self._by_id[row.id] = row
         for row_id in old:
             self._by_id.pop(row_id, None)
+        self._bump_stamp()
         self._delete_rows(old)
 
     def _insert_chunks(self, rows: list[_Row], updates: list[DocumentUpdate]) -> None:
@@ -477,6 +501,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         for row in doomed:
             del self._live[row.path]
             self._by_id.pop(row.id, None)
+        self._bump_stamp()
         self._delete_rows([row.id for row in doomed])
         return len(doomed)
 

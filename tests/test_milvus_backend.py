@@ -1,0 +1,54 @@
+"""What only the Milvus backend has to get right (the behaviour both backends share is tested on
+both in test_knowledge_base.py, test_retrieval.py and test_crash_milvus.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.backend import KnowledgeBaseUnavailable
+from memory.milvus_backend import MilvusConnection
+
+
+@pytest.fixture
+def connection(tmp_path):
+    milvus = MilvusConnection(str(tmp_path / "milvus.db"))
+    yield milvus
+    milvus.close()
+
+
+def test_query_all_reads_past_the_query_window(connection):
+    from pymilvus import DataType
+
+    schema = connection.call("create_schema", auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+    index = connection.call("prepare_index_params")
+    index.add_index("v", index_type="FLAT", metric_type="IP")
+    connection.call("create_collection", "rows", schema=schema, index_params=index)
+    ids = [(n * 7919) % 1_000_003 for n in range(20_000)]  # more rows than one query returns, ids not in order
+    for start in range(0, len(ids), 5000):
+        connection.call("insert", "rows", [{"id": i, "v": [1.0, 0.0]} for i in ids[start : start + 5000]])
+    assert sorted(r["id"] for r in connection.query_all("rows", "id >= 0", ["id"])) == sorted(ids)
+
+
+def test_a_second_process_is_refused_while_one_holds_the_embedded_milvus(connection, tmp_path):
+    import subprocess
+    import sys
+
+    connection.call("list_collections")  # this process now serves the embedded Milvus
+    code = (
+        "from memory.milvus_backend import MilvusConnection\n"
+        f"MilvusConnection({str(tmp_path / 'milvus.db')!r}).call('list_collections')\n"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "in use by another process" in other.stderr and "milvus-lite server" in other.stderr
+    connection.close()  # the last connection here: the server stops and the file is free
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_milvus_errors_name_the_server_and_the_call(tmp_path):
+    from tests.live_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(KnowledgeBaseUnavailable, match=f"cannot reach Milvus at {uri}"):
+        MilvusConnection(uri, timeout=2).call("list_collections")
