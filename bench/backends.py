@@ -139,6 +139,12 @@ def scale_rows(sizes: list[int], queries: int, settings: Settings) -> list[dict]
                 kbs.close()
             print(row, flush=True)
             rows.append(row)
+        local, milvus = rows[-2], rows[-1]  # the named baseline is local, measured in the same run
+        local["vs local"] = "1"
+        milvus["vs local"] = (
+            f"fill {float(milvus['chunks/s'].replace(',', '')) / float(local['chunks/s'].replace(',', '')):.2f}×, "
+            f"p50 {float(milvus['hybrid p50 ms']) / float(local['hybrid p50 ms']):.0f}× slower"
+        )
     return rows
 
 
