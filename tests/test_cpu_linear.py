@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from models.cpu_linear import PackedLinear, pack_linear_layers
+from models.torch_device import cpu_has_fast_bf16
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -22,8 +23,11 @@ def test_packed_layers_reproduce_nn_linear_bit_for_bit():
     inputs = [torch.randn(shape).to(torch.bfloat16) for shape in ((5, 48), (3, 17, 48), (1, 1, 48))]
     with torch.inference_mode():
         expected = [model(x) for x in inputs]
-    assert pack_linear_layers(model) == 2
-    assert [type(m) for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))] == [PackedLinear, PackedLinear]
+    packed = pack_linear_layers(model)
+    if cpu_has_fast_bf16():  # elsewhere oneDNN may emulate bf16 differently: packing is refused unless exact
+        assert packed == 2
+    kinds = [type(m) for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    assert kinds == ([PackedLinear, PackedLinear] if packed else [nn.Linear, nn.Linear])
     with torch.inference_mode():
         for x, want in zip(inputs, expected):
             got = model(x)
