@@ -30,7 +30,6 @@ from memory.chunk_store import ChunkRecord, DocumentRecord
 from memory.files import write_atomically
 
 _NAME = re.compile(r"^\w[\w.\-]{0,63}$")
-BACKENDS = ("local", "milvus")
 
 
 class KnowledgeBaseError(Exception):

@@ -25,7 +25,6 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from memory.backend import (  # noqa: F401  (the names callers import from here)
-    BACKENDS,
     KB_NAME_RULE,
     DocumentUpdate,
     EmbedderMismatch,
