@@ -15,8 +15,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.disconnect import CancelOnDisconnect
 from api.errors import install_error_handlers, without_validation_422
+from api.jobs import CountActiveRequests
 from api.limits import BodySizeLimit
-from api.routes import chat, embeddings, health, knowledge_bases, models
+from api.routes import chat, embeddings, health, jobs, knowledge_bases, models, page
 from api.state import ServerState, build_state
 from settings import Settings
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
             loader.cancel()
         loaded = getattr(app.state, "zhiku", None)
         if loaded is not None and state is None:
+            await asyncio.to_thread(loaded.jobs.close)
             await loaded.generator.aclose()
 
     app = FastAPI(
@@ -44,6 +46,7 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
     app.state.settings = settings
     app.state.zhiku = state
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(CountActiveRequests)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -55,8 +58,9 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
     app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes)
     install_error_handlers(app)
     without_validation_422(app)
-    for module in (health, models, chat, embeddings, knowledge_bases):
+    for module in (health, models, chat, embeddings, knowledge_bases, jobs, page):
         app.include_router(module.router)
+    app.include_router(page.caller_router)
     return app
 
 

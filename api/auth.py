@@ -39,7 +39,7 @@ class Access:
 OPEN = Access(admin=True)
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
@@ -49,7 +49,7 @@ def _matches(key: str, accepted) -> bool:
     return any(secrets.compare_digest(key.encode(), k.encode()) for k in accepted)
 
 
-def _access_for(key: str, settings) -> Access | None:
+def access_for(key: str, settings) -> Access | None:
     if _matches(key, settings.admin_api_keys):
         return Access(admin=True, keys_configured=True)
     if _matches(key, settings.api_keys):
@@ -67,10 +67,10 @@ def require_key(request: Request) -> None:
     if not settings.keys_configured:
         request.state.access = OPEN
         return
-    key = _presented_key(request)
+    key = presented_key(request)
     if key is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-    access = _access_for(key, settings)
+    access = access_for(key, settings)
     if access is None:
         raise APIError(401, "invalid API key", code="invalid_api_key")
     request.state.access = access

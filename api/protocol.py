@@ -221,3 +221,108 @@ class KnowledgeBaseSearch(_Lenient):
     query: Text = Field(min_length=1)
     top_k: StrictInt = Field(5, ge=1, le=100)
     score_threshold: Number | None = Field(None, ge=-1.0, le=1.0)
+
+
+# ---- knowledge bases and ingestion jobs (zhiku's own API)
+
+FileOutcomeKind = Literal["ingested", "unchanged", "failed", "skipped", "removed", "cancelled"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class KnowledgeBaseSummary(BaseModel):
+    name: str
+    backend: str = Field(description="'local' (SQLite + FAISS + BM25 files) or 'milvus'.")
+    embedding_model: str
+    dimension: int
+    chunk_size: int
+    chunk_overlap: int
+    store: str
+    format: int
+    created: str = Field(description="When the name was (re)created, ISO 8601.")
+    documents: int
+    chunks: int
+
+
+class KnowledgeBaseList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KnowledgeBaseSummary]
+
+
+class DocumentInfo(BaseModel):
+    id: int
+    path: str = Field(description="The upload name, or the path relative to the ingested folder.")
+    sha256: str | None
+    size: int | None = Field(description="Bytes.")
+    status: Literal["ok", "failed", "skipped"]
+    error: str | None = Field(description="Why a failed or skipped document was not ingested.")
+    chunk_count: int
+    modified: float | None = Field(None, description="The file's modification time (Unix seconds); null when it is gone.")
+
+
+class DocumentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DocumentInfo]
+
+
+class FileOutcomeInfo(BaseModel):
+    path: str
+    outcome: FileOutcomeKind
+    chunks: int = 0
+    error: str | None = None
+
+
+class UploadReport(BaseModel):
+    """The synchronous upload's answer (``?wait=true``)."""
+
+    object: Literal["list"] = "list"
+    data: list[FileOutcomeInfo]
+    failed: int
+
+
+class JobFile(BaseModel):
+    """One file of a job: waiting, processed (while the job runs), then its outcome."""
+
+    name: str
+    state: Literal["waiting", "processed"] | FileOutcomeKind
+    chunks: int = 0
+    error: str | None = None
+
+
+class IngestJob(BaseModel):
+    id: str
+    object: Literal["ingest.job"] = "ingest.job"
+    knowledge_base: str
+    state: JobState
+    created: float = Field(description="Unix seconds.")
+    started: float | None
+    finished: float | None
+    files_total: int
+    files_done: int
+    chunks_total: int = Field(description="Chunks found so far; grows while files are parsed.")
+    chunks_embedded: int
+    files: list[JobFile] = Field(description="The job's uploaded files, each with its state.")
+    outcomes: list[FileOutcomeInfo] = Field(description="Per file, once the job has finished.")
+    error: str | None = Field(description="Why the job failed, or how many of its files did.")
+    retry_of: str | None = Field(description="The job whose files this one re-runs.")
+
+
+class IngestJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[IngestJob]
+
+
+class Deleted(BaseModel):
+    id: str | int
+    object: str
+    deleted: bool = True
+    path: str | None = None
+
+
+class Caller(BaseModel):
+    """zhiku extension: what the presented key may do (the page hides what it may not)."""
+
+    keys_required: bool
+    authenticated: bool
+    admin: bool
+    readable: list[str] | None = Field(description="Knowledge bases it may read; null for all.")
+    writable: list[str] | None = Field(description="Knowledge bases it may change; null for all.")

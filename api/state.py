@@ -20,6 +20,7 @@ from fastapi import Request
 from api.auth import OPEN, Access
 from api.errors import APIError, unavailable
 from api.shown_paths import ShownPaths
+from api.jobs import Jobs
 from api.uploads import clean_leftovers
 
 log = logging.getLogger("zhiku.api")
@@ -37,12 +38,17 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     shown_paths: ShownPaths | None = None  # built from settings and knowledge_bases when not given
     kb_service: KnowledgeBaseService | None = None  # likewise
+    jobs: Jobs | None = None  # likewise; its records and files are under settings.home
 
     def __post_init__(self) -> None:
         if self.shown_paths is None:
             self.shown_paths = ShownPaths(self.settings.home, self.knowledge_bases)
         if self.kb_service is None:
             self.kb_service = KnowledgeBaseService(self.knowledge_bases, self.settings)
+        if self.jobs is None:
+            self.jobs = Jobs(self.settings.home, self.kb_service, self.embedder)
+            self.jobs.recover()  # before the clean-up: an interrupted job's files are kept for its retry
+            clean_leftovers(self.settings.home, self.knowledge_bases)
 
     @classmethod
     def assemble(
@@ -126,7 +132,6 @@ def build_state(settings: Settings, default_kb: str | None = None) -> ServerStat
     if default_kb is not None:
         validate_name(default_kb)
     knowledge_bases = KnowledgeBases.from_settings(settings)
-    clean_leftovers(settings.home, knowledge_bases)
     embedder = load_embedder(settings)
     embedder.embed_queries(["warm-up"])  # load now, not on the first request
     generator = load_generator(settings)

@@ -277,7 +277,7 @@ def test_knowledge_base_lifecycle_over_http(server, tmp_path):
         ("files", ("../../notes.txt", "售后电话是 400-123-4567，工作日九点到十八点接听。".encode("gb18030"), "text/plain")),
         ("files", ("broken.pdf", b"%PDF-1.4 not really", "application/pdf")),
     ]
-    report = httpx.post(f"{api}/上传/documents", files=files, timeout=120).json()
+    report = httpx.post(f"{api}/上传/documents", params={"wait": "true"}, files=files, timeout=120).json()
     outcomes = {o["path"].rsplit("/", 1)[-1]: o for o in report["data"]}
     assert outcomes["notes.txt"]["outcome"] == "ingested" and outcomes["broken.pdf"]["outcome"] == "failed"
     assert report["failed"] == 1
@@ -378,7 +378,7 @@ def test_a_dropped_and_recreated_knowledge_base_is_searched_afresh(server):
     for text in ("第一版：保修期为一年。", "第二版：保修期为三年。"):
         assert httpx.post(api, json={"name": "重建"}).status_code == 201
         files = [("files", ("warranty.txt", text.encode("utf-8"), "text/plain"))]
-        assert httpx.post(f"{api}/重建/documents", files=files, timeout=120).json()["failed"] == 0
+        assert httpx.post(f"{api}/重建/documents", params={"wait": "true"}, files=files, timeout=120).json()["failed"] == 0
         hits = httpx.post(f"{api}/重建/search", json={"query": "保修期多久", "top_k": 1}).json()["data"]
         assert hits[0]["text"] == text
         assert httpx.delete(f"{api}/重建").status_code == 200

@@ -59,7 +59,10 @@ def chat(api: str, body: dict, headers: dict | None = None) -> httpx.Response:
 
 
 def upload(api: str, kb: str, files: list[tuple[str, bytes]], **kwargs) -> httpx.Response:
-    return httpx.post(f"{api}/knowledge_bases/{kb}/documents", files=[("files", (n, c, "text/plain")) for n, c in files], timeout=120, **kwargs)
+    """The synchronous upload (``?wait=true``): the answer is the per-file report."""
+    return httpx.post(
+        f"{api}/knowledge_bases/{kb}/documents", params={"wait": "true"}, files=[("files", (n, c, "text/plain")) for n, c in files], timeout=120, **kwargs
+    )
 
 
 # ---- §2 uploads -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def replicas(milvus_uri, tmp_path_factory, models_dir, generator_model_path):
 
 def upload(api: str, text: str) -> httpx.Response:
     files = [("files", ("值班.txt", text.encode("utf-8"), "text/plain"))]
-    return httpx.post(f"{api}/knowledge_bases/{KB}/documents", files=files, timeout=120)
+    return httpx.post(f"{api}/knowledge_bases/{KB}/documents", params={"wait": "true"}, files=files, timeout=120)
 
 
 def search(api: str, query: str) -> httpx.Response:

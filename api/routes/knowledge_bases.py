@@ -1,8 +1,11 @@
 """Knowledge bases over HTTP: list, create, delete, list/upload/delete documents, search.
 
-Uploads run the same pipeline as ``ingest add`` (a broken file is reported, the
-rest are ingested). Uploaded files are kept under ``<ZHIKU_HOME>/uploads/<kb>/``
-(see ``api.uploads``) so an unchanged re-upload is recognised by its hash like any ingest.
+An upload streams its files to disk and returns at once (202) with an ingestion job
+(``api.jobs``; watch it under ``/jobs``); ``?wait=true`` ingests before answering, for
+scripts. Either way it runs the same pipeline as ``ingest add`` (a broken file is
+reported, the rest are ingested). Uploaded files are kept under
+``<ZHIKU_HOME>/uploads/<kb>/`` (see ``api.uploads``) so an unchanged re-upload is
+recognised by its hash like any ingest.
 """
 
 from __future__ import annotations
@@ -13,13 +16,27 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 
 from api.auth import access_of, require_admin, require_key, require_write
 from api.errors import APIError, error_responses, unavailable
-from api.protocol import KnowledgeBaseCreate, KnowledgeBaseSearch, SearchResponse, SourcePassage
+from api.protocol import (
+    Deleted,
+    DocumentInfo,
+    DocumentList,
+    FileOutcomeInfo,
+    IngestJob,
+    KnowledgeBaseCreate,
+    KnowledgeBaseList,
+    KnowledgeBaseSearch,
+    KnowledgeBaseSummary,
+    SearchResponse,
+    SourcePassage,
+    UploadReport,
+)
 from api.state import ServerState, require_ready
+from api.routes.jobs import job_view, shown_paths_for
 from api.uploads import stage, staging_area, upload_dir
 from memory.knowledge_base import (
     KB_NAME_RULE,
@@ -70,39 +87,75 @@ def _readable(request: Request, kb: str) -> str:
 
 
 @router.get("")
-async def list_knowledge_bases(request: Request) -> dict:
+async def list_knowledge_bases(request: Request) -> KnowledgeBaseList:
     state = _state(request)
     names = state.visible_kbs(access_of(request))
-    return {"object": "list", "data": await _run(lambda: [state.kb_service.summary(n) for n in names])}
+    summaries = await _run(lambda: [state.kb_service.summary(n) for n in names])
+    return KnowledgeBaseList(data=[KnowledgeBaseSummary(**s) for s in summaries])
 
 
 @router.post("", dependencies=admin, status_code=201)
-async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> dict:
+async def create_knowledge_base(body: KnowledgeBaseCreate, request: Request) -> KnowledgeBaseSummary:
     state = _state(request)
     manifest = await _run(state.kb_service.create, body.name, state.embedder)
-    return asdict(manifest)
+    return KnowledgeBaseSummary(**asdict(manifest), documents=0, chunks=0)
 
 
 @router.delete("/{kb}", dependencies=admin)
-async def delete_knowledge_base(kb: KnowledgeBaseName, request: Request) -> dict:
+async def delete_knowledge_base(kb: KnowledgeBaseName, request: Request) -> Deleted:
     state = _state(request)
     _readable(request, kb)
     await _run(state.kb_service.drop, kb)
     shutil.rmtree(_upload_dir(state, kb), ignore_errors=True)
-    return {"id": kb, "object": "knowledge_base", "deleted": True}
+    state.jobs.forget_kb(kb)
+    return Deleted(id=kb, object="knowledge_base")
 
 
 @router.get("/{kb}/documents")
-async def list_documents(kb: KnowledgeBaseName, request: Request) -> dict:
+async def list_documents(kb: KnowledgeBaseName, request: Request) -> DocumentList:
     state = _state(request)
     _readable(request, kb)
     documents = await _run(state.kb_service.documents, kb)
     shown = await _run(state.shown_paths.for_kb, kb)
-    return {"object": "list", "data": [{**asdict(d), "path": shown(d.path)} for d in documents]}
+    return DocumentList(data=[DocumentInfo(**{**asdict(d), "path": shown(d.path)}, modified=_modified(d.path)) for d in documents])
 
 
-@router.post("/{kb}/documents")
-async def upload_documents(kb: KnowledgeBaseName, request: Request, files: list[UploadFile] = File(...)) -> dict:
+@router.post(
+    "/{kb}/documents",
+    status_code=202,
+    responses={200: {"model": UploadReport, "description": "With ?wait=true: the files were ingested."}},
+)
+async def upload_documents(
+    kb: KnowledgeBaseName,
+    request: Request,
+    response: Response,
+    files: list[UploadFile] = File(...),
+    wait: bool = Query(False, description="Ingest before answering (200 with the per-file report) instead of returning a job (202)."),
+) -> IngestJob | UploadReport:
+    state = _state(request)
+    _check_may_upload(request, kb)
+    destination = _upload_dir(state, kb)
+    if wait:
+        with staging_area(state.settings.home) as staging:
+            staged = await stage(files, staging, destination)
+            report = await _run(state.kb_service.add, kb, [], state.embedder, staged=staged)
+        shown = await _run(state.shown_paths.for_kb, kb)
+        outcomes = [FileOutcomeInfo(**{**asdict(o), "path": shown(o.path)}) for o in report.outcomes]
+        response.status_code = 200
+        return UploadReport(data=outcomes, failed=len(report.failed))
+    job_id = state.jobs.new_id()
+    folder = state.jobs.job_dir(job_id)
+    folder.mkdir(parents=True)
+    try:
+        staged = await stage(files, folder, destination)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    job = state.jobs.submit(job_id, kb, staged)
+    return job_view(job, await asyncio.to_thread(shown_paths_for, state, kb))
+
+
+def _check_may_upload(request: Request, kb: str) -> None:
     state = _state(request)
     validate_kb_name(kb)
     access = access_of(request)
@@ -111,19 +164,10 @@ async def upload_documents(kb: KnowledgeBaseName, request: Request, files: list[
     require_write(request, kb)
     if state.knowledge_bases.exists(kb):  # it must have been built with the server's embedder
         state.require_searchable_kb(kb, param="kb", access=access)
-    with staging_area(state.settings.home) as staging:
-        staged = await stage(files, staging, _upload_dir(state, kb))
-        report = await _run(state.kb_service.add, kb, [], state.embedder, staged=staged)
-    shown = await _run(state.shown_paths.for_kb, kb)
-    return {
-        "object": "list",
-        "data": [{**asdict(o), "path": shown(o.path)} for o in report.outcomes],
-        "failed": len(report.failed),
-    }
 
 
 @router.delete("/{kb}/documents/{document_id}")
-async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Request) -> dict:
+async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Request) -> Deleted:
     state = _state(request)
     _readable(request, kb)
     require_write(request, kb)
@@ -135,7 +179,14 @@ async def delete_document(kb: KnowledgeBaseName, document_id: int, request: Requ
     await _run(state.kb_service.remove, kb, [Path(match.path)])
     if Path(match.path).parent == _upload_dir(state, kb).resolve():
         Path(match.path).unlink(missing_ok=True)
-    return {"id": document_id, "object": "document", "deleted": True, "path": shown(match.path)}
+    return Deleted(id=document_id, object="document", path=shown(match.path))
+
+
+def _modified(path: str) -> float | None:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return None
 
 
 @router.post("/{kb}/search")
