@@ -31,7 +31,7 @@ from rag.retrieval import Retriever
 from settings import Settings
 
 app = typer.Typer(
-    help="Build and search zhiku knowledge bases (知库): PDFs, text and Markdown in; local files (SQLite + FAISS + BM25) or Milvus out.",
+    help="Build and search zhiku knowledge bases (知库): PDFs, Word, Excel, slides, web pages, e-books, CSV, JSON, text, Markdown and images (OCR) in; local files (SQLite + FAISS + BM25) or Milvus out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -101,13 +101,16 @@ def add(
         Optional[Backend],
         typer.Option(help="Where a NEW knowledge base is stored (default: ZHIKU_VECTOR_STORE, else local); an existing one keeps its own."),
     ] = None,
+    ocr: Annotated[
+        Optional[bool], typer.Option("--ocr/--no-ocr", help="Read images and scanned PDF pages by OCR (default: ZHIKU_OCR, else on).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Ingest files into a knowledge base; unchanged files are skipped, changed ones replaced."""
     with user_errors(KNOWN_ERRORS):
         service, name = service_and_name(
             kb, chunk_size=chunk_size, chunk_overlap=chunk_overlap, embedding_model=embedding_model,
-            vector_store=backend.value if backend else None,
+            vector_store=backend.value if backend else None, ocr=ocr,
         )  # fmt: skip
         settings = service.settings
         embedder = service.embedder_for(name, explicit(settings, "embedding_model"))
@@ -149,10 +152,11 @@ def list_(kb: KbOption = None, as_json: JsonOption = False) -> None:
             columns = ["name", "documents", "chunks", "embedding_model", "chunk_size", "chunk_overlap"]
         else:
             rows = [
-                {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error}
+                {"path": d.path, "status": d.status, "chunks": d.chunk_count, "size": d.size, "error": d.error,
+                 "ocr_pages": len(d.ocr_pages)}
                 for d in service.documents(kb)
-            ]
-            columns = ["path", "status", "chunks", "size", "error"]
+            ]  # fmt: skip
+            columns = ["path", "status", "chunks", "size", "ocr_pages", "error"]
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return

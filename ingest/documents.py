@@ -25,16 +25,23 @@ class UnsupportedFile(IngestError):
 
 @dataclass(frozen=True)
 class Page:
-    """Raw text of one page; ``number`` is 1-based for PDFs and None for text files."""
+    """Raw text of one page; ``number`` is 1-based for PDFs, slides and images, None for
+    files without pages. ``ocr``: the text was read from the page's image, not its text layer."""
 
     number: int | None
     text: str
+    ocr: bool = False
 
 
 @dataclass(frozen=True)
 class LoadedDocument:
     path: Path
     pages: list[Page]
+
+    @property
+    def ocr_pages(self) -> tuple[int, ...]:
+        """The numbers of the pages read by OCR."""
+        return tuple(page.number for page in self.pages if page.ocr and page.number is not None)
 
 
 @dataclass(frozen=True)

@@ -43,24 +43,25 @@ class PreparedDocument:
     path: Path
     cleaned: CleanedDocument
     chunks: list[Chunk] = field(default_factory=list)
+    ocr_pages: tuple[int, ...] = ()  # the pages whose text OCR read
 
 
-def prepare_file(path: Path, chunk_size: int, chunk_overlap: int) -> PreparedDocument:
-    """Load, clean and split ``path``.
+def prepare_file(path: Path, chunk_size: int, chunk_overlap: int, *, ocr: bool = True) -> PreparedDocument:
+    """Load (``ocr``: images and scanned PDF pages by OCR), clean and split ``path``.
 
     Raises :class:`UnsupportedFile` for extensions zhiku does not read and
     :class:`IngestError` for unreadable files and for files with nothing left after
     cleaning ("no text after cleaning": e.g. only page numbers or link lists).
     """
     path = Path(path)
-    loaded = load(path)
+    loaded = load(path, ocr=ocr)
     cleaned = clean_document(loaded)
     if not any(ch.isalnum() for ch in cleaned.text):
         raise IngestError(path, "no text after cleaning")
     chunks = split_document(cleaned, chunk_size, chunk_overlap)
     if not chunks:  # pragma: no cover - non-empty text always gives a chunk
         raise IngestError(path, "no text after cleaning")
-    return PreparedDocument(path, cleaned, chunks)
+    return PreparedDocument(path, cleaned, chunks, loaded.ocr_pages)
 
 
 def text_sha256(text: str) -> str:
@@ -89,10 +90,11 @@ class PreparedFile(NamedTuple):
     status: str
     reason: str | None
     chunks: list[IndexableChunk]
+    ocr_pages: tuple[int, ...] = ()  # the pages whose text OCR read (a chunk on one of them came from OCR)
 
 
 def prepare_files(
-    paths: list[str], chunk_size: int, chunk_overlap: int, token_text: Callable[[str], str]
+    paths: list[str], chunk_size: int, chunk_overlap: int, token_text: Callable[[str], str], ocr: bool = True
 ) -> list[PreparedFile]:
     """:func:`prepare_file` for several files, each chunk hashed and tokenised by ``token_text``.
 
@@ -102,7 +104,7 @@ def prepare_files(
     out = []
     for path in paths:
         try:
-            prepared = prepare_file(Path(path), chunk_size, chunk_overlap)
+            prepared = prepare_file(Path(path), chunk_size, chunk_overlap, ocr=ocr)
         except UnsupportedFile as exc:
             out.append(PreparedFile("skipped", exc.reason, []))
             continue
@@ -121,7 +123,7 @@ def prepare_files(
             )
             for c in prepared.chunks
         ]
-        out.append(PreparedFile("ok", None, chunks))
+        out.append(PreparedFile("ok", None, chunks, prepared.ocr_pages))
     return out
 
 

@@ -153,6 +153,7 @@ class DocumentUpdate:
     error: str | None = None
     chunks: tuple[IndexableChunk, ...] = ()
     vectors: np.ndarray | None = None  # one row per chunk
+    ocr_pages: tuple[int, ...] = ()  # pages read by OCR: a chunk on one of them came from OCR
 
 
 class KnowledgeBase(ABC):

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS documents (
     status TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'skipped')),
     error TEXT,
     chunk_count INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    ocr_pages TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -70,6 +71,11 @@ class DocumentRecord:
     status: str
     error: str | None
     chunk_count: int
+    ocr_pages: tuple[int, ...] = ()  # pages read by OCR: a chunk on one of them came from OCR
+
+    def chunk_from_ocr(self, pages: tuple[int, ...]) -> bool:
+        """Whether a chunk of this document on ``pages`` was read by OCR."""
+        return bool(set(pages) & set(self.ocr_pages))
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ def connect(path: Path, *, create: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
         _add_tokens_column(conn)
+        _add_ocr_pages_column(conn)
     return conn
 
 
@@ -111,12 +118,25 @@ def _add_tokens_column(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE chunks ADD COLUMN tokens TEXT")
 
 
+def _add_ocr_pages_column(conn: sqlite3.Connection) -> None:
+    """Stores made before OCR lack ``documents.ocr_pages``: no page of theirs was OCR'd."""
+    if "ocr_pages" not in _document_columns(conn):
+        conn.execute("ALTER TABLE documents ADD COLUMN ocr_pages TEXT NOT NULL DEFAULT '[]'")
+
+
+def _document_columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(documents)")}
+
+
 class ChunkStore:
     """Typed queries over one knowledge base's SQLite file."""
 
     def __init__(self, path: Path, *, create: bool = False):
         self.path = path
         self.conn = connect(path, create=create)
+        # a reader may open a store no writer has migrated yet: it has no OCR'd pages
+        ocr_pages = "ocr_pages" if "ocr_pages" in _document_columns(self.conn) else "'[]'"
+        self._doc_select = f"{_DOC_SELECT}, {ocr_pages} FROM documents"
 
     def close(self) -> None:
         self.conn.close()
@@ -150,11 +170,11 @@ class ChunkStore:
 
     # ---- documents ----------------------------------------------------
     def document(self, path: str) -> DocumentRecord | None:
-        row = self.conn.execute(_DOC_SELECT + " WHERE path = ?", (path,)).fetchone()
-        return DocumentRecord(*row) if row else None
+        row = self.conn.execute(self._doc_select + " WHERE path = ?", (path,)).fetchone()
+        return _document_record(row) if row else None
 
     def documents(self) -> list[DocumentRecord]:
-        return [DocumentRecord(*r) for r in self.conn.execute(_DOC_SELECT + " ORDER BY path")]
+        return [_document_record(r) for r in self.conn.execute(self._doc_select + " ORDER BY path")]
 
     def put_document(
         self,
@@ -166,6 +186,7 @@ class ChunkStore:
         error: str | None = None,
         chunks: Sequence[IndexableChunk] = (),
         vectors: np.ndarray | None = None,
+        ocr_pages: Sequence[int] = (),
     ) -> tuple[list[int], list[int]]:
         """Replace a document's row and chunks (``vectors[i]`` is ``chunks[i]``'s embedding);
         returns (replaced chunk ids, new chunk ids). Call inside ``write()``.
@@ -174,9 +195,9 @@ class ChunkStore:
             raise ValueError(f"{len(chunks)} chunks but {0 if vectors is None else len(vectors)} vectors for {path}")
         old_ids = self.delete_document(path)
         cur = self.conn.execute(
-            "INSERT INTO documents(path, sha256, size, status, error, chunk_count, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (path, sha256, size, status, error, len(chunks), time.time()),
+            "INSERT INTO documents(path, sha256, size, status, error, chunk_count, updated_at, ocr_pages)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, sha256, size, status, error, len(chunks), time.time(), json.dumps(list(ocr_pages))),
         )
         doc_id = cur.lastrowid
         self.conn.executemany(
@@ -293,11 +314,16 @@ class ChunkStore:
         return problems
 
 
-_DOC_SELECT = "SELECT id, path, sha256, size, status, error, chunk_count FROM documents"
+_DOC_SELECT = "SELECT id, path, sha256, size, status, error, chunk_count"
 _CHUNK_SELECT = (
     "SELECT c.id, c.document_id, d.path, c.ordinal, c.text, c.pages, c.start_offset, c.end_offset, c.text_sha"
     " FROM chunks c JOIN documents d ON d.id = c.document_id"
 )
+
+
+def _document_record(row: tuple) -> DocumentRecord:
+    *fields, ocr_pages = row
+    return DocumentRecord(*fields, tuple(json.loads(ocr_pages)))
 
 
 def _chunk_record(row: tuple) -> ChunkRecord:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.loaders import PDF_SUFFIXES
+from ingest.loaders import SLOW_SUFFIXES
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
 from memory.files import file_sha256, fsync_dir
@@ -45,7 +45,7 @@ from memory.knowledge_base import (
 )
 
 EMBED_BATCH_CHUNKS = 1024  # default of Settings.ingest_batch_chunks
-# Parsing in a separate process pays off from this many files to parse (or one PDF);
+# Parsing in a separate process pays off from this many files to parse (or one PDF or image);
 # below it, starting the process costs more than it saves.
 PARALLEL_PARSE_MIN_FILES = 8
 PARSE_GROUP_FILES = 16  # files per task sent to the parsing process...
@@ -241,8 +241,10 @@ def add_paths(
     staged: Sequence[tuple[Path, Path]] = (),
     batch_chunks: int = EMBED_BATCH_CHUNKS,
     backend: str | None = None,
+    ocr: bool = True,
 ) -> IngestReport:
-    """Ingest files and folders into knowledge base ``name`` (created when missing).
+    """Ingest files and folders into knowledge base ``name`` (created when missing);
+    ``ocr``: read images and scanned PDF pages by OCR.
 
     ``staged`` are ``(staged file, destination)`` pairs (uploads): they are moved to
     their destination only once the writer lock is held, then ingested with ``paths``,
@@ -263,8 +265,8 @@ def add_paths(
         files = list(iter_candidate_files(paths))
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress, batch_chunks)
-        parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in PDF_SUFFIXES for p in files)
-        parser = _Parser(chunk_size, chunk_overlap, parallel)
+        parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in SLOW_SUFFIXES for p in files)
+        parser = _Parser(chunk_size, chunk_overlap, parallel, ocr)
         queue: deque[FileOutcome | _Parsing] = deque()
         ahead = 0  # bytes of the files in ``queue``
 
@@ -315,7 +317,7 @@ class _Parsing:
 
     def finish(self, parser: "_Parser", batcher: _Batcher) -> FileOutcome:
         prepared: PreparedFile = parser.result(self)
-        update = DocumentUpdate(self.key, self.sha256, self.size, prepared.status, prepared.reason)
+        update = DocumentUpdate(self.key, self.sha256, self.size, prepared.status, prepared.reason, ocr_pages=prepared.ocr_pages)
         batcher.add(update, prepared.chunks)
         if prepared.status == "ok":
             return FileOutcome(self.key, "ingested", len(prepared.chunks))
@@ -334,10 +336,11 @@ class _ParseTask:
 class _Parser:
     """Parses files (load, clean, split, tokenise) in groups, in a separate process when ``parallel``."""
 
-    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool):
+    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool, ocr: bool = True):
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.parallel = parallel
+        self.ocr = ocr
         self.started = False
         self.worker: ParseWorker | None = None
         self.group = _ParseTask()
@@ -359,7 +362,7 @@ class _Parser:
         if not task.paths:
             return
         task.submitted = True
-        args = (task.paths, self.chunk_size, self.chunk_overlap, token_text)
+        args = (task.paths, self.chunk_size, self.chunk_overlap, token_text, self.ocr)
         if self.worker is not None:
             task.ticket = self.worker.submit(prepare_files, *args)
         else:
@@ -459,6 +462,8 @@ def _copy_reembedded(source: KnowledgeBase, target: KnowledgeBase, embedder, pro
         stored = source.chunks_of_document(document.id, 0, document.chunk_count)
         new_chunks = tuple(IndexableChunk(c.ordinal, c.text, c.text_sha, c.pages, c.start, c.end) for c in stored)
         vectors = embed_reusing(target, embedder, list(new_chunks), progress)
-        update = DocumentUpdate(document.path, document.sha256, document.size, document.status, document.error, new_chunks, vectors)
+        update = DocumentUpdate(
+            document.path, document.sha256, document.size, document.status, document.error, new_chunks, vectors, document.ocr_pages
+        )
         target.put_documents([update])
         progress.file_done(document.path)

@@ -158,6 +158,7 @@ class LocalKnowledgeBase(KnowledgeBase):
                     error=update.error,
                     chunks=update.chunks,
                     vectors=update.vectors,
+                    ocr_pages=update.ocr_pages,
                 )
                 removed += old_ids
                 added += new_ids

@@ -56,6 +56,9 @@ _STAMP_ID = 0  # the registry row whose value changes with every write (document
 _PLACEHOLDER = [1.0, 0.0]  # Milvus wants a vector field in every collection; registry rows carry this one
 _CHUNK_FIELDS = ["id", "document_id", "ordinal", "text", "text_sha", "pages", "start", "end"]
 _DOCUMENT_FIELDS = ["id", "path", "sha256", "size", "status", "error", "chunk_count", "state", "started_at"]
+# Registries made before OCR lack this field (milvus-lite cannot add a field to a collection):
+# there, pages read by OCR go unrecorded.
+_OCR_FIELD = "ocr_pages"
 WRITING_LEASE_S = 900.0
 """A version still ``writing`` after this long was abandoned by a killed writer (on a shared Milvus,
 where another replica may be writing right now; embedded milvus-lite has one writer and repairs at once)."""
@@ -264,7 +267,8 @@ class _Row(DocumentRecord):
     def of(cls, row: dict) -> "_Row":
         return cls(
             int(row["id"]), row["path"], row["sha256"] or None, None if row["size"] < 0 else int(row["size"]),
-            row["status"], row["error"] or None, int(row["chunk_count"]), row["state"], float(row["started_at"]),
+            row["status"], row["error"] or None, int(row["chunk_count"]),
+            ocr_pages=tuple(json.loads(row.get(_OCR_FIELD) or "[]")), state=row["state"], started_at=float(row["started_at"]),
         )  # fmt: skip
 
     def newer_than(self, other: "_Row") -> bool:
@@ -277,11 +281,13 @@ class _Row(DocumentRecord):
         return {
             "id": self.id, "path": self.path, "sha256": self.sha256 or "", "size": -1 if self.size is None else self.size,
             "status": self.status, "error": (self.error or "")[:4000], "chunk_count": self.chunk_count, "state": self.state,
-            "started_at": self.started_at, "placeholder": _PLACEHOLDER,
+            "started_at": self.started_at, "placeholder": _PLACEHOLDER, _OCR_FIELD: json.dumps(list(self.ocr_pages)),
         }  # fmt: skip
 
     def record(self) -> DocumentRecord:
-        return DocumentRecord(self.id, self.path, self.sha256, self.size, self.status, self.error, self.chunk_count)
+        return DocumentRecord(
+            self.id, self.path, self.sha256, self.size, self.status, self.error, self.chunk_count, self.ocr_pages
+        )
 
 
 class MilvusKnowledgeBase(KnowledgeBase):
@@ -301,6 +307,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         self._writing: dict[int, float] = {}  # id -> started_at of versions still being written
         self._abandoned_before = 0.0
         self._registry_read = False
+        self._ocr_field: bool | None = None  # whether the registry records OCR'd pages (asked once)
         if writable:
             self._create_collections()
             self.refresh()
@@ -322,6 +329,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
             schema.add_field("chunk_count", DataType.INT64)
             schema.add_field("state", DataType.VARCHAR, max_length=16)
             schema.add_field("started_at", DataType.DOUBLE)
+            schema.add_field(_OCR_FIELD, DataType.VARCHAR, max_length=8192)
             schema.add_field("placeholder", DataType.FLOAT_VECTOR, dim=2)
             index = call("prepare_index_params")
             index.add_index("placeholder", index_type="FLAT", metric_type="IP")
@@ -372,6 +380,20 @@ class MilvusKnowledgeBase(KnowledgeBase):
         call("load_collection", self.chunks_collection)
 
     # ---- the registry ----------------------------------------------------
+    def _records_ocr(self) -> bool:
+        """Whether this registry has the ocr_pages field (those made before OCR do not)."""
+        if self._ocr_field is None:
+            described = self.connection.call("describe_collection", self.documents_collection)
+            self._ocr_field = any(f["name"] == _OCR_FIELD for f in described["fields"])
+        return self._ocr_field
+
+    def _upsert_rows(self, rows: list[_Row]) -> None:
+        fields = [row.fields() for row in rows]
+        if not self._records_ocr():
+            for row in fields:
+                del row[_OCR_FIELD]
+        self.connection.call("upsert", self.documents_collection, fields)
+
     def refresh(self) -> bool:
         """Re-read the registry when a writer has changed it since (its stamp row says so): one primary-key
         lookup per request, not a read of every document."""
@@ -381,7 +403,8 @@ class MilvusKnowledgeBase(KnowledgeBase):
         if self._registry_read and stamp == self._stamp:
             return False
         self._stamp = stamp
-        rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, f"id != {_STAMP_ID}", _DOCUMENT_FIELDS)]
+        fields = _DOCUMENT_FIELDS + ([_OCR_FIELD] if self._records_ocr() else [])
+        rows = [_Row.of(r) for r in self.connection.query_all(self.documents_collection, f"id != {_STAMP_ID}", fields)]
         live: dict[str, _Row] = {}
         for row in rows:
             if row.state == "done" and (row.path not in live or row.newer_than(live[row.path])):
@@ -403,8 +426,8 @@ class MilvusKnowledgeBase(KnowledgeBase):
     def _bump_stamp(self) -> None:
         """Tell readers the set of done versions changed (after it did, before old chunks go)."""
         self._stamp = float(secrets.randbits(52))
-        row = _Row(_STAMP_ID, "", None, None, "", None, 0, "stamp", self._stamp)
-        self.connection.call("upsert", self.documents_collection, [row.fields()])
+        row = _Row(_STAMP_ID, "", None, None, "", None, 0, state="stamp", started_at=self._stamp)
+        self._upsert_rows([row])
 
     def _ensure_registry_read(self) -> None:
         if not self._registry_read:
@@ -456,15 +479,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
             new_rows.append(
                 _Row(
                     self._new_document_id(), update.path, update.sha256, update.size, update.status, update.error,
-                    len(update.chunks), "writing", time.time(),
+                    len(update.chunks), update.ocr_pages, state="writing", started_at=time.time(),
                 )  # fmt: skip
             )
         old = [self._live[u.path].id for u in updates if u.path in self._live]
         call = self.connection.call
-        call("upsert", self.documents_collection, [row.fields() for row in new_rows])
+        self._upsert_rows(new_rows)
         self._insert_chunks(new_rows, updates)
         done = [row.with_state("done") for row in new_rows]
-        call("upsert", self.documents_collection, [row.fields() for row in done])
+        self._upsert_rows(done)
         for row in done:
             self._live[row.path] = row
             self._by_id[row.id] = row
@@ -497,7 +520,7 @@ class MilvusKnowledgeBase(KnowledgeBase):
         if not doomed:
             return 0
         marked = [row.with_state("deleting") for row in doomed]
-        self.connection.call("upsert", self.documents_collection, [row.fields() for row in marked])
+        self._upsert_rows(marked)
         for row in doomed:
             del self._live[row.path]
             self._by_id.pop(row.id, None)

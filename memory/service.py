@@ -110,6 +110,7 @@ class KnowledgeBaseService:
         return add_paths(
             self.knowledge_bases, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune,
             progress=progress, staged=staged, batch_chunks=self.settings.ingest_batch_chunks, backend=backend,
+            ocr=self.settings.ocr,
         )  # fmt: skip
 
     def remove(self, name: str, paths: Iterable[Path]) -> list[FileOutcome]:

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # splitting (defaults measured on shared/eval/dev.jsonl, see docs/BENCHMARKS.md)
     chunk_size: int = Field(600, ge=50, description="Maximum characters per chunk.")
     chunk_overlap: int = Field(120, ge=0, description="Characters shared by consecutive chunks.")
+    ocr: bool = Field(
+        True,
+        description="Read images and PDF pages without a text layer (scans) by OCR (RapidOCR, on the CPU: "
+        "about 2 s a page). Off: images fail and scanned PDFs fail as 'no extractable text (scanned?)'.",
+    )
 
     # knowledge bases
     default_kb: str = "default"

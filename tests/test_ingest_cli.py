@@ -39,14 +39,14 @@ def test_add_list_search_remove_drop(cli, tmp_path, settings, embedder):
     (docs / "退款.txt").write_text("购买后七天内可以申请无理由退款，退款三个工作日内原路退回。", encoding="utf-8")
     (docs / "weather.md").write_text("# Weather\n\nIt is sunny in Beijing today, with a light breeze in the evening.", encoding="utf-8")
     (docs / "broken.txt").write_bytes(b"\x00\x01\x02\xff" * 100)
-    (docs / "table.xlsx").write_bytes(b"not supported")
+    (docs / "slides.key").write_bytes(b"not supported")
 
     added = cli("add", str(docs), "--kb", "手册", "--json")
     assert added.returncode == 1, added.stderr  # one file failed, the rest ingested
     outcomes = {os.path.basename(o["path"]): o for o in json.loads(added.stdout)}
     assert outcomes["退款.txt"]["outcome"] == "ingested" and outcomes["退款.txt"]["chunks"] >= 1
     assert outcomes["broken.txt"]["outcome"] == "failed" and outcomes["broken.txt"]["error"]
-    assert outcomes["table.xlsx"]["outcome"] == "skipped"
+    assert outcomes["slides.key"]["outcome"] == "skipped"
 
     again = cli("add", str(docs), "--kb", "手册", "--json")
     assert {o["outcome"] for o in json.loads(again.stdout) if o["path"].endswith(".txt") and "退款" in o["path"]} == {"unchanged"}
@@ -57,7 +57,7 @@ def test_add_list_search_remove_drop(cli, tmp_path, settings, embedder):
     documents = {os.path.basename(d["path"]): d for d in json.loads(cli("list", "--kb", "手册", "--json").stdout)}
     assert documents["退款.txt"]["status"] == "ok" and documents["退款.txt"]["chunks"] >= 1
     assert documents["broken.txt"]["status"] == "failed" and "binary" in documents["broken.txt"]["error"]
-    assert documents["table.xlsx"]["status"] == "skipped"
+    assert documents["slides.key"]["status"] == "skipped"
     assert all({"path", "status", "chunks", "error"} <= d.keys() for d in documents.values())
 
     found = json.loads(cli("search", "怎么退款", "--kb", "手册", "--top-k", "2", "--json").stdout)

@@ -114,8 +114,11 @@ def test_prepare_propagates_load_errors(tmp_path):
     with pytest.raises(IngestError, match="binary file"):
         prepare_file(make_binary_txt(tmp_path / "x.txt"), SIZE, OVERLAP)
     (tmp_path / "a.docx").write_bytes(b"PK")
-    with pytest.raises(UnsupportedFile):
+    with pytest.raises(IngestError, match="corrupt .docx"):
         prepare_file(tmp_path / "a.docx", SIZE, OVERLAP)
+    (tmp_path / "a.key").write_bytes(b"PK")
+    with pytest.raises(UnsupportedFile):
+        prepare_file(tmp_path / "a.key", SIZE, OVERLAP)
 
 
 def test_pipeline_reexports_suffixes():
@@ -244,9 +247,9 @@ BROKEN_PDFS = {
     "empty.pdf": "empty file",
     "encrypted-aes-256.pdf": "encrypted (password-protected)",
     "password-example.pdf": "encrypted (password-protected)",
-    # a scanned page (one big image) whose only text is a stamped "2021 3 31"
-    "malformed-from-issue-932.pdf": "no extractable text (scanned?)",
 }
+# a scanned page (one big image) whose only text is a stamped "2021 3 31": read by OCR
+SCANNED_PDF = "malformed-from-issue-932.pdf"
 
 
 @requires_shared
@@ -255,6 +258,16 @@ def test_broken_pdfs_raise_ingest_error(name):
     with pytest.raises(IngestError) as info:
         load(CORPUS_PDFS / name)
     assert info.value.reason == BROKEN_PDFS[name]
+
+
+@requires_shared
+def test_scanned_pdf_is_read_by_ocr_unless_ocr_is_off():
+    document = load(CORPUS_PDFS / SCANNED_PDF)
+    assert document.ocr_pages == (1,)
+    assert "重庆万州经济技术开发（集团）有限公司2021年度第二期债务融资工具定向募集说明书" in document.pages[0].text
+    with pytest.raises(IngestError) as info:
+        load(CORPUS_PDFS / SCANNED_PDF, ocr=False)
+    assert info.value.reason == "no extractable text (scanned?)"
 
 
 @requires_shared

@@ -153,7 +153,7 @@ def test_prune_and_remove(kbs, docs, embedder):
 
 def test_broken_file_fails_alone_and_unsupported_is_skipped(kbs, docs, embedder):
     (docs / "binary.txt").write_bytes(bytes(range(256)) * 8)
-    (docs / "slides.pptx").write_bytes(b"PK\x03\x04 not really")
+    (docs / "slides.key").write_bytes(b"PK\x03\x04 not really")
     report = ingest(kbs, [docs], embedder)
     assert report.count("ingested") == 3
     assert [o.path.rsplit("/", 1)[1] for o in report.failed] == ["binary.txt"]
@@ -164,7 +164,7 @@ def test_broken_file_fails_alone_and_unsupported_is_skipped(kbs, docs, embedder)
         statuses = {d.path.rsplit("/", 1)[1]: d.status for d in kb.documents()}
         assert statuses == {
             "binary.txt": "failed",
-            "slides.pptx": "skipped",
+            "slides.key": "skipped",
             "refund.txt": "ok",
             "weather.md": "ok",
             "gpu.txt": "ok",

@@ -1,0 +1,101 @@
+"""Tables as text that still says what each number means.
+
+Every table zhiku reads (spreadsheets, CSV, Word and slide tables, tables found in
+PDFs) becomes one list item per row that carries its column headers::
+
+    >>> print(table_block([["地区", "人口（万）"], ["北京", "2189"], ["上海", ""]]))
+    - 地区: 北京; 人口（万）: 2189
+    - 地区: 上海
+
+A retrieved chunk holding "人口（万）: 2189" answers a question about population,
+where a run of loose numbers ("北京 2189 上海 2487") does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+CELL_SEPARATOR = "; "
+# Rows are list items so that cleaning never joins two rows into one "paragraph".
+ROW_MARK = "- "
+
+
+def cell_text(value: object) -> str:
+    """A cell as one line of text: None is empty, floats that are whole numbers lose their ``.0``."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return " ".join(str(value).split())
+
+
+def header_names(header: Sequence[object]) -> list[str]:
+    """The header row's names; a blank header cell is named after its column ("列3")."""
+    return [cell_text(name) or f"列{i}" for i, name in enumerate(header, 1)]
+
+
+def row_line(names: Sequence[str], row: Sequence[object]) -> str:
+    """``"header: value; header: value"`` for the non-empty cells of ``row``; cells past the
+    header are named after their column."""
+    parts = []
+    for i, value in enumerate(row):
+        text = cell_text(value)
+        if text:
+            name = names[i] if i < len(names) else f"列{i + 1}"
+            parts.append(text if name == text else f"{name}: {text}")
+    return CELL_SEPARATOR.join(parts)
+
+
+def rows_as_lines(rows: Iterable[Sequence[object]]) -> list[str]:
+    """The first non-empty row is the header; every later non-empty row is one line."""
+    names: list[str] | None = None
+    lines = []
+    for row in rows:
+        if not any(cell_text(v) for v in row):
+            continue
+        if names is None:
+            names = header_names(row)
+            continue
+        line = row_line(names, row)
+        if line:
+            lines.append(line)
+    if names is not None and not lines:  # a header alone is still text worth keeping
+        lines.append(CELL_SEPARATOR.join(names))
+    return lines
+
+
+def table_block(rows: Iterable[Sequence[object]]) -> str:
+    """The rows of one table as list items, one per row (empty when the table is)."""
+    return "\n".join(ROW_MARK + line for line in rows_as_lines(rows))
+
+
+# Rows read per sheet (spreadsheets, CSV): a sheet of a million rows would make a
+# knowledge base of one file. The rest are left out and the text says so.
+MAX_SHEET_ROWS = 50_000
+
+
+def sheet_section(title: str | None, rows: Iterable[Sequence[object]], max_rows: int = MAX_SHEET_ROWS) -> str:
+    """A sheet as a section: ``## title``, then one list item per row with its headers
+    (the first non-empty row); rows past ``max_rows`` are dropped with a line saying so.
+    Empty when the sheet is."""
+    names: list[str] | None = None
+    lines = [f"## {title}"] if title else []
+    read = 0
+    for row in rows:
+        if not any(cell_text(v) for v in row):
+            continue
+        if names is None:
+            names = header_names(row)
+            continue
+        if read == max_rows:
+            lines.append(f"（本表超过 {max_rows} 行，其余的行未读入 / rows after the first {max_rows} not read）")
+            break
+        read += 1
+        line = row_line(names, row)
+        if line:
+            lines.append(ROW_MARK + line)
+    if names is None:
+        return ""
+    if read == 0:
+        lines.append(ROW_MARK + CELL_SEPARATOR.join(names))
+    return "\n".join(lines)
