@@ -10,7 +10,8 @@ files it had not committed (start-up moves them back beside the record).
 Cancelling stops a running job at its next progress callback: batches already committed
 stay, the batch in flight is not written, and uploaded files it never committed are removed.
 While chat or search requests are in flight the job waits between embedding batches
-(``ActiveRequests``), so an ingest does not starve them.
+(``ActiveRequests``, at most ``settings.ingest_yield_s`` each time), so an ingest does not
+starve them (docs/BENCHMARKS.md, "Chat and search during an ingest").
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ log = logging.getLogger("zhiku.api")
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
 INTERRUPTED = "interrupted: the server stopped before this job finished; retry it to ingest its remaining files"
-# An ingest waits at most this long per embedding batch for chat and search to finish.
-YIELD_TO_REQUESTS_S = 5.0
 
 
 class JobCancelled(Exception):
@@ -144,7 +143,8 @@ class _JobProgress(Progress):
     def chunks_embedded(self, count: int) -> None:
         self._check()
         self.jobs._update(self.job, chunks_embedded=self.job.chunks_embedded + count)
-        self.jobs.active_requests.wait_idle(YIELD_TO_REQUESTS_S)
+        if self.jobs.yield_s:
+            self.jobs.active_requests.wait_idle(self.jobs.yield_s)
         self._check()
 
     def _check(self) -> None:
@@ -155,11 +155,12 @@ class _JobProgress(Progress):
 class Jobs:
     """The server's ingestion jobs: submit, look up, cancel, retry; one worker runs them in order."""
 
-    def __init__(self, home: Path, service: KnowledgeBaseService, embedder, active_requests: ActiveRequests | None = None):
+    def __init__(self, home: Path, service: KnowledgeBaseService, embedder, yield_s: float = 5.0):
         self.home = home
+        self.yield_s = yield_s
         self.service = service
         self.embedder = embedder
-        self.active_requests = active_requests or ActiveRequests()
+        self.active_requests = ActiveRequests()
         self.store = JobStore(home / "jobs.sqlite")
         self._jobs: dict[str, Job] = {}
         self._cancelling: set[str] = set()
