@@ -89,7 +89,12 @@ class Settings(BaseSettings):
     ocr: bool = Field(
         True,
         description="Read images and PDF pages without a text layer (scans) by OCR (RapidOCR, on the CPU: "
-        "about 2 s a page). Off: images fail and scanned PDFs fail as 'no extractable text (scanned?)'.",
+        "7-10 s a dense page). Off: images fail and scanned PDFs fail as 'no extractable text (scanned?)'.",
+    )
+    pdf_tables: bool = Field(
+        True,
+        description="Find tables on PDF pages (pdfplumber's table finder) and emit each row with its column headers "
+        "instead of a run of loose numbers; the rest of the page stays plain text.",
     )
 
     # knowledge bases
@@ -115,6 +120,10 @@ class Settings(BaseSettings):
     milvus_database: str = Field("", description="Milvus database; empty = the server's default.")
     ingest_batch_chunks: int = Field(
         1024, ge=1, description="Chunks embedded and committed together by an ingest (long enough to sort by length well)."
+    )
+    ingest_yield_s: float = Field(
+        5.0, ge=0, description="Longest a server's ingestion job waits, between embedding batches, for chat and search "
+        "requests in flight to finish (they come first); 0: never waits.",
     )
     index_save_interval: float = Field(
         30.0, ge=0, description="Seconds between FAISS saves during a long ingest (the store is the truth; the index is re-derived)."
