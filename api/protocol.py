@@ -256,6 +256,7 @@ class DocumentInfo(BaseModel):
     status: Literal["ok", "failed", "skipped"]
     error: str | None = Field(description="Why a failed or skipped document was not ingested.")
     chunk_count: int
+    ocr_pages: list[int] = Field(default_factory=list, description="Pages read by OCR (scans, images): their text may hold misread characters.")
     modified: float | None = Field(None, description="The file's modification time (Unix seconds); null when it is gone.")
 
 

@@ -36,7 +36,7 @@ else:
     sys.exit("the server did not become ready")
 client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
 model = client.models.list().data[0].id
-print(f"\nserving {model} on {base}/v1 (knowledge base zhiku-docs)")
+print(f"\nserving {model} on {base}/v1 (knowledge base zhiku-docs); the web page is {base}/")
 for question in ["How do I start the server and which port does it use?",
                  "What happens if ingest is killed halfway?",
                  "怎么给知识库换向量模型？"]:

@@ -131,7 +131,7 @@ def test_knowledge_base_upload_search_chat_and_delete(server, state, page_for, t
 
     page.click("#tab-chat")
     page.wait_for_function("() => document.querySelector('#kb-select').value === '手册'")
-    page.fill("#prompt", "退货的运费谁承担？")
+    page.fill("#prompt", "Who pays the shipping cost of a return?")
     page.click("#send")
     page.wait_for_selector("#stop", state="hidden")
     answer = page.locator(".message.assistant").last.inner_text()

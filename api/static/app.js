@@ -343,7 +343,8 @@ async function loadDocuments() {
 
 function documentRow(kb, d) {
   const row = document.createElement("tr");
-  const status = cell(d.error ? `${t(d.status)}: ${d.error}` : t(d.status));
+  const ocr = d.ocr_pages?.length ? ` · ${t("ocr_pages", { pages: d.ocr_pages.join(", ") })}` : "";
+  const status = cell((d.error ? `${t(d.status)}: ${d.error}` : t(d.status)) + ocr);
   status.className = `status-${d.status}`;
   const date = d.modified ? new Date(d.modified * 1000).toLocaleString(currentLanguage() === "zh" ? "zh-CN" : "en") : "";
   row.append(cell(d.path), status, cell(d.chunk_count), cell(formatSize(d.size)), cell(date));

@@ -12,7 +12,7 @@ const STRINGS = {
     uploading: "上传中", queued: "排队中", running: "处理中", done: "完成", failed: "失败", cancelled: "已取消",
     cancel: "取消", retry: "重试", waiting: "等待", processed: "已处理", ingested: "已入库", unchanged: "未变化",
     skipped: "已跳过", removed: "已移除", ok: "正常", files: "文件", no_results: "没有检索到段落",
-    admin_only: "此操作需要管理员密钥", stopped: "（已停止）", empty: "暂无",
+    admin_only: "此操作需要管理员密钥", stopped: "（已停止）", empty: "暂无", ocr_pages: "OCR 识别页：{pages}",
   },
   en: {
     chat: "Chat", knowledge_bases: "Knowledge bases", api_key: "API key", new_chat: "New chat", knowledge_base: "Knowledge base",
@@ -26,7 +26,7 @@ const STRINGS = {
     uploading: "uploading", queued: "queued", running: "running", done: "done", failed: "failed", cancelled: "cancelled",
     cancel: "Cancel", retry: "Retry", waiting: "waiting", processed: "processed", ingested: "ingested", unchanged: "unchanged",
     skipped: "skipped", removed: "removed", ok: "ok", files: "files", no_results: "No passages found",
-    admin_only: "This needs an admin key", stopped: "(stopped)", empty: "none yet",
+    admin_only: "This needs an admin key", stopped: "(stopped)", empty: "none yet", ocr_pages: "OCR'd pages: {pages}",
   },
 };
 
