@@ -24,6 +24,18 @@ class UnsupportedFile(IngestError):
 
 
 @dataclass(frozen=True)
+class ReadOptions:
+    """How files are read (``Settings.ocr``, ``Settings.pdf_tables``).
+
+    ``ocr``: images, and PDF pages without a usable text layer, are read by OCR.
+    ``pdf_tables``: tables found on PDF pages are emitted row by row with their headers.
+    """
+
+    ocr: bool = True
+    pdf_tables: bool = True
+
+
+@dataclass(frozen=True)
 class Page:
     """Raw text of one page; ``number`` is 1-based for PDFs, slides and images, None for
     files without pages. ``ocr``: the text was read from the page's image, not its text layer."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingest.delimited import DELIMITERS, load_delimited
-from ingest.documents import IngestError, LoadedDocument, Page, UnsupportedFile
+from ingest.documents import IngestError, LoadedDocument, Page, ReadOptions, UnsupportedFile
 from ingest.ebooks import load_epub
 from ingest.ocr import IMAGE_SUFFIXES, load_image
 from ingest.office import LEGACY_SUFFIXES, load_docx, load_pptx, load_xlsx, refuse_legacy
@@ -56,20 +56,21 @@ SUPPORTED_SUFFIXES = frozenset(_LOADERS) | PDF_SUFFIXES | IMAGE_SUFFIXES
 SLOW_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES
 
 
-def load(path: Path, *, ocr: bool = True) -> LoadedDocument:
+def load(path: Path, options: ReadOptions = ReadOptions()) -> LoadedDocument:
     """Load ``path`` by its extension (case-insensitive; see :data:`SUPPORTED_SUFFIXES`).
 
-    ``ocr``: read images, and PDF pages without a usable text layer, by OCR; when
-    False, images fail and scanned PDFs fail as "no extractable text (scanned?)".
+    ``options.ocr``: read images, and PDF pages without a usable text layer, by OCR;
+    when False, images fail and scanned PDFs fail as "no extractable text (scanned?)".
+    ``options.pdf_tables``: PDF tables row by row with their headers.
     Raises :class:`UnsupportedFile` for other extensions and :class:`IngestError`
     for files that cannot be read, with a reason meant for the user.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES:
-        return LoadedDocument(path, load_pdf_pages(path, ocr=ocr))
+        return LoadedDocument(path, load_pdf_pages(path, ocr=options.ocr, tables=options.pdf_tables))
     if suffix in IMAGE_SUFFIXES:
-        return LoadedDocument(path, load_image(path) if ocr else _no_ocr(path))
+        return LoadedDocument(path, load_image(path) if options.ocr else _no_ocr(path))
     loader = _LOADERS.get(suffix)
     if loader is None:
         raise UnsupportedFile(path, f"unsupported file type {suffix or '(no extension)'}")

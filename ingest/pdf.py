@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ingest.documents import IngestError, Page
+from ingest.tables import table_block
 from ingest.text import read_bytes
 
 # A PDF needs at least this many letters / CJK characters in its text layer to
@@ -20,12 +21,14 @@ MIN_PDF_LETTERS = 8
 _CID = re.compile(r"\(cid:\d+\)")
 
 
-def load_pdf_pages(path: Path, *, ocr: bool = False) -> list[Page]:
+def load_pdf_pages(path: Path, *, ocr: bool = False, tables: bool = False) -> list[Page]:
     """Text of every page of a PDF, numbered from 1.
 
     With ``ocr``, a page whose text layer has fewer than :data:`MIN_PDF_LETTERS`
     letters (a scan, or glyphs without a Unicode mapping) is rendered and read by
     OCR instead (``Page.ocr``); the other pages keep their text layer.
+    With ``tables``, tables found on a page (see :func:`page_text`) follow the rest
+    of its text, one line per row with its headers.
 
     Raises IngestError: "empty file", "encrypted (password-protected)",
     "malformed PDF: ...", or "no extractable text (scanned?)".
@@ -46,7 +49,7 @@ def load_pdf_pages(path: Path, *, ocr: bool = False) -> list[Page]:
         with pdfplumber.open(path, raise_unicode_errors=False) as pdf:
             for page in pdf.pages:
                 try:
-                    pages.append(Page(page.page_number, page.extract_text() or ""))
+                    pages.append(Page(page.page_number, page_text(page, tables)))
                 finally:
                     page.close()  # drop the page's parsed objects: memory stays flat on long PDFs
     except PdfminerException as exc:
@@ -79,6 +82,40 @@ def load_pdf_pages(path: Path, *, ocr: bool = False) -> list[Page]:
     if sum(map(letter_count, (page.text for page in pages))) < MIN_PDF_LETTERS:
         raise IngestError(path, "no extractable text (scanned? OCR found none either)" if ocr else "no extractable text (scanned?)")
     return pages
+
+
+# A table needs this many rows (header included) and columns to be read as one: the
+# finder also frames single boxes and two-cell captions.
+MIN_TABLE_ROWS = 2
+MIN_TABLE_COLUMNS = 2
+# Pages with fewer upright characters than this share (rotated scans of tables,
+# vertical text) are left to plain text: the finder's cells there are scrambled.
+MIN_UPRIGHT_SHARE = 0.9
+
+
+def page_text(page, tables: bool) -> str:
+    """A pdfplumber page's text; with ``tables``, the text outside its tables, then each
+    table as rows carrying their headers (``ingest.tables``)."""
+    found = _tables(page) if tables else []
+    if not found:
+        return page.extract_text() or ""
+    rest = page
+    for table in found:
+        rest = rest.outside_bbox(table.bbox)
+    blocks = [table_block(table.extract()) for table in found]
+    return "\n\n".join(part for part in [rest.extract_text() or "", *blocks] if part.strip())
+
+
+def _tables(page) -> list:
+    chars = page.chars
+    if not chars or page.rotation % 360 or sum(1 for c in chars if c.get("upright", True)) < MIN_UPRIGHT_SHARE * len(chars):
+        return []
+    found = []
+    for table in page.find_tables():
+        rows = table.rows
+        if len(rows) >= MIN_TABLE_ROWS and max((len(r.cells) for r in rows), default=0) >= MIN_TABLE_COLUMNS:
+            found.append(table)
+    return found
 
 
 def letter_count(text: str) -> int:

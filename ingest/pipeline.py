@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ingest.clean import clean_document
-from ingest.documents import Chunk, CleanedDocument, IngestError, UnsupportedFile
+from ingest.documents import Chunk, CleanedDocument, IngestError, ReadOptions, UnsupportedFile
 from ingest.loaders import SUPPORTED_SUFFIXES, load
 from ingest.split import split_document
 
@@ -46,15 +46,15 @@ class PreparedDocument:
     ocr_pages: tuple[int, ...] = ()  # the pages whose text OCR read
 
 
-def prepare_file(path: Path, chunk_size: int, chunk_overlap: int, *, ocr: bool = True) -> PreparedDocument:
-    """Load (``ocr``: images and scanned PDF pages by OCR), clean and split ``path``.
+def prepare_file(path: Path, chunk_size: int, chunk_overlap: int, options: ReadOptions = ReadOptions()) -> PreparedDocument:
+    """Load (as ``options`` say: OCR, PDF tables), clean and split ``path``.
 
     Raises :class:`UnsupportedFile` for extensions zhiku does not read and
     :class:`IngestError` for unreadable files and for files with nothing left after
     cleaning ("no text after cleaning": e.g. only page numbers or link lists).
     """
     path = Path(path)
-    loaded = load(path, ocr=ocr)
+    loaded = load(path, options)
     cleaned = clean_document(loaded)
     if not any(ch.isalnum() for ch in cleaned.text):
         raise IngestError(path, "no text after cleaning")
@@ -94,7 +94,11 @@ class PreparedFile(NamedTuple):
 
 
 def prepare_files(
-    paths: list[str], chunk_size: int, chunk_overlap: int, token_text: Callable[[str], str], ocr: bool = True
+    paths: list[str],
+    chunk_size: int,
+    chunk_overlap: int,
+    token_text: Callable[[str], str],
+    options: ReadOptions = ReadOptions(),
 ) -> list[PreparedFile]:
     """:func:`prepare_file` for several files, each chunk hashed and tokenised by ``token_text``.
 
@@ -104,7 +108,7 @@ def prepare_files(
     out = []
     for path in paths:
         try:
-            prepared = prepare_file(Path(path), chunk_size, chunk_overlap, ocr=ocr)
+            prepared = prepare_file(Path(path), chunk_size, chunk_overlap, options)
         except UnsupportedFile as exc:
             out.append(PreparedFile("skipped", exc.reason, []))
             continue

@@ -15,18 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ingest.clean import is_cjk
+
 CELL_SEPARATOR = "; "
 # Rows are list items so that cleaning never joins two rows into one "paragraph".
 ROW_MARK = "- "
 
 
 def cell_text(value: object) -> str:
-    """A cell as one line of text: None is empty, floats that are whole numbers lose their ``.0``."""
+    """A cell as one line of text: None is empty, floats that are whole numbers lose their
+    ``.0``, and lines of a wrapped cell are joined (without a space between Chinese characters).
+
+    >>> cell_text("住宿\\n标准"), cell_text("Long\\nGun"), cell_text(3.0)
+    ('住宿标准', 'Long Gun', '3')
+    """
     if value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return " ".join(str(value).split())
+    text = ""
+    for part in str(value).split():
+        text = text + part if text and (is_cjk(text[-1]) or is_cjk(part[0])) else f"{text} {part}" if text else part
+    return text
 
 
 def header_names(header: Sequence[object]) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ingest.documents import ReadOptions
 from ingest.loaders import SLOW_SUFFIXES
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
@@ -241,10 +242,10 @@ def add_paths(
     staged: Sequence[tuple[Path, Path]] = (),
     batch_chunks: int = EMBED_BATCH_CHUNKS,
     backend: str | None = None,
-    ocr: bool = True,
+    read_options: ReadOptions = ReadOptions(),
 ) -> IngestReport:
     """Ingest files and folders into knowledge base ``name`` (created when missing);
-    ``ocr``: read images and scanned PDF pages by OCR.
+    ``read_options``: OCR of images and scanned PDF pages, PDF tables.
 
     ``staged`` are ``(staged file, destination)`` pairs (uploads): they are moved to
     their destination only once the writer lock is held, then ingested with ``paths``,
@@ -266,7 +267,7 @@ def add_paths(
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress, batch_chunks)
         parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in SLOW_SUFFIXES for p in files)
-        parser = _Parser(chunk_size, chunk_overlap, parallel, ocr)
+        parser = _Parser(chunk_size, chunk_overlap, parallel, read_options)
         queue: deque[FileOutcome | _Parsing] = deque()
         ahead = 0  # bytes of the files in ``queue``
 
@@ -336,11 +337,11 @@ class _ParseTask:
 class _Parser:
     """Parses files (load, clean, split, tokenise) in groups, in a separate process when ``parallel``."""
 
-    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool, ocr: bool = True):
+    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool, read_options: ReadOptions = ReadOptions()):
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.parallel = parallel
-        self.ocr = ocr
+        self.read_options = read_options
         self.started = False
         self.worker: ParseWorker | None = None
         self.group = _ParseTask()
@@ -362,7 +363,7 @@ class _Parser:
         if not task.paths:
             return
         task.submitted = True
-        args = (task.paths, self.chunk_size, self.chunk_overlap, token_text, self.ocr)
+        args = (task.paths, self.chunk_size, self.chunk_overlap, token_text, self.read_options)
         if self.worker is not None:
             task.ticket = self.worker.submit(prepare_files, *args)
         else:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ingest.documents import ReadOptions
 from memory.chunk_store import DocumentRecord
 from memory.ingestion import FileOutcome, IngestReport, Progress, add_paths, check_compatible, manifest_for, rebuild, remove_paths
 from memory.knowledge_base import KnowledgeBaseError, KnowledgeBases, Manifest, validate_name
@@ -110,7 +111,7 @@ class KnowledgeBaseService:
         return add_paths(
             self.knowledge_bases, name, paths, embedder, chunk_size=size, chunk_overlap=overlap, prune=prune,
             progress=progress, staged=staged, batch_chunks=self.settings.ingest_batch_chunks, backend=backend,
-            ocr=self.settings.ocr,
+            read_options=ReadOptions(ocr=self.settings.ocr, pdf_tables=self.settings.pdf_tables),
         )  # fmt: skip
 
     def remove(self, name: str, paths: Iterable[Path]) -> list[FileOutcome]:

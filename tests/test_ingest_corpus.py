@@ -13,7 +13,7 @@ from functools import cache
 import pytest
 
 from ingest.clean import clean_document
-from ingest.documents import IngestError, LoadedDocument, UnsupportedFile
+from ingest.documents import IngestError, LoadedDocument, ReadOptions, UnsupportedFile
 from ingest.loaders import load
 from ingest.pipeline import SUPPORTED_SUFFIXES, PreparedDocument, iter_candidate_files, prepare_file
 from ingest.split import split_document
@@ -266,7 +266,7 @@ def test_scanned_pdf_is_read_by_ocr_unless_ocr_is_off():
     assert document.ocr_pages == (1,)
     assert "重庆万州经济技术开发（集团）有限公司2021年度第二期债务融资工具定向募集说明书" in document.pages[0].text
     with pytest.raises(IngestError) as info:
-        load(CORPUS_PDFS / SCANNED_PDF, ocr=False)
+        load(CORPUS_PDFS / SCANNED_PDF, ReadOptions(ocr=False))
     assert info.value.reason == "no extractable text (scanned?)"
 
 

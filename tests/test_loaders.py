@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.documents import IngestError, UnsupportedFile
+from ingest.documents import IngestError, ReadOptions, UnsupportedFile
 from ingest.loaders import SUPPORTED_SUFFIXES, decode_text, load
 from tests.fixtures import (
     PDF_HEADER,
@@ -102,7 +102,7 @@ def test_not_a_pdf(tmp_path):
 
 def test_pdf_without_text_layer(tmp_path):
     with pytest.raises(IngestError) as info:
-        load(make_textless_pdf(tmp_path / "scan.pdf"), ocr=False)
+        load(make_textless_pdf(tmp_path / "scan.pdf"), ReadOptions(ocr=False))
     assert info.value.reason == "no extractable text (scanned?)"
     # with OCR (the default) the drawings are read too, and hold no text either
     assert reason(tmp_path / "scan.pdf") == "no extractable text (scanned? OCR found none either)"
@@ -111,7 +111,7 @@ def test_pdf_without_text_layer(tmp_path):
 def test_pdf_with_only_page_numbers_has_no_text(tmp_path):
     path = make_chinese_pdf(tmp_path / "numbers.pdf", pages=[["1"], ["2"]], header=None)
     with pytest.raises(IngestError) as info:
-        load(path, ocr=False)
+        load(path, ReadOptions(ocr=False))
     assert info.value.reason == "no extractable text (scanned?)"
 
 
