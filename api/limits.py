@@ -24,9 +24,10 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         is_upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
         limit = self.upload_limit if is_upload else self.default_limit
+        setting = "ZHIKU_MAX_UPLOAD_BYTES" if is_upload else "ZHIKU_MAX_REQUEST_BYTES"
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reject(send, limit)
+            await _reject(send, limit, setting)
             return
         received = 0
         too_large = False
@@ -49,7 +50,7 @@ class BodySizeLimit:
             if too_large:  # whatever the app makes of the cut-off body, the answer is 413
                 if not started:
                     started = True
-                    await _reject(send, limit)
+                    await _reject(send, limit, setting)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -60,14 +61,14 @@ class BodySizeLimit:
             if not too_large:
                 raise
         if too_large and not started:
-            await _reject(send, limit)
+            await _reject(send, limit, setting)
 
 
-async def _reject(send: Send, limit: int) -> None:
+async def _reject(send: Send, limit: int, setting: str) -> None:
     body = json.dumps(
         {
             "error": {
-                "message": f"request body is larger than the limit of {limit} bytes",
+                "message": f"request body is larger than the limit of {limit} bytes (the server's {setting})",
                 "type": "invalid_request_error",
                 "param": None,
                 "code": "request_too_large",

@@ -327,3 +327,4 @@ class Caller(BaseModel):
     admin: bool
     readable: list[str] | None = Field(description="Knowledge bases it may read; null for all.")
     writable: list[str] | None = Field(description="Knowledge bases it may change; null for all.")
+    max_upload_bytes: int = Field(description="The largest upload request the server takes (the page splits bigger selections).")

@@ -259,3 +259,32 @@ def test_the_interface_follows_the_browser_language_and_switches(server, page_fo
     page.click("#lang-button")
     assert page.locator("#tab-chat").inner_text() == "Chat"
     assert page.evaluate("document.documentElement.lang") == "en"
+
+
+@pytest.fixture(scope="module")
+def small_limit_server(state):
+    settings = state.settings.model_copy(update={"max_upload_bytes": 100_000})
+    with LiveServer(create_app(settings, state=ServerState(**{**state.__dict__, "settings": settings}))) as live:
+        yield live
+
+
+def test_a_big_selection_goes_up_in_requests_under_the_limit_and_one_oversized_file_fails_alone(small_limit_server, page_for, tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"条例-{i}.txt")
+        paths[-1].write_text(f"第{i}号条例：设备每月检修一次。\n" * 1200, encoding="utf-8")  # ~54 KB each
+    oversized = tmp_path / "巨大.txt"
+    oversized.write_text("过大的文件。\n" * 10_000, encoding="utf-8")  # ~180 KB: over the limit alone
+    page = page_for(f"{small_limit_server.url}/#kbs")
+    page.fill("#new-kb-name", "分批")
+    page.click("#create-kb button[type=submit]")
+    page.wait_for_selector("#kb-title:has-text('分批')")
+    page.set_input_files("#file-input", [str(p) for p in [*paths, oversized]])
+    try:
+        page.wait_for_function("() => document.querySelectorAll('.job[data-state=done]').length === 3", timeout=30_000)
+    except Exception:
+        print(page.locator("#jobs").inner_text()); raise
+    refused = page.locator(".job[data-state=failed]")
+    assert refused.count() == 1 and "100000" in refused.inner_text()
+    page.wait_for_function("() => document.querySelectorAll('#document-rows tr').length === 3")
+    assert "巨大.txt" not in page.locator("#document-rows").inner_text()

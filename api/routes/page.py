@@ -53,16 +53,18 @@ caller_router = APIRouter()
 def caller(request: Request) -> Caller:
     """What the presented key may do: the page asks for a key when one is required and hides admin actions."""
     settings = request.app.state.settings
+    limit = settings.max_upload_bytes
     if not settings.keys_configured:
-        return Caller(keys_required=False, authenticated=True, admin=True, readable=None, writable=None)
+        return Caller(keys_required=False, authenticated=True, admin=True, readable=None, writable=None, max_upload_bytes=limit)
     key = presented_key(request)
     access = access_for(key, settings) if key else None
     if access is None:
-        return Caller(keys_required=True, authenticated=False, admin=False, readable=[], writable=[])
+        return Caller(keys_required=True, authenticated=False, admin=False, readable=[], writable=[], max_upload_bytes=limit)
     return Caller(
         keys_required=True,
         authenticated=True,
         admin=access.admin,
         readable=None if access.readable is None else sorted(access.readable),
         writable=None if access.admin else sorted(access.writable or ()),
+        max_upload_bytes=limit,
     )

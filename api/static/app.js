@@ -387,32 +387,62 @@ async function searchKnowledgeBase(event) {
 
 // ---------------------------------------------------------------- uploads and jobs
 
-function upload(files) {
+const UPLOAD_FILES_PER_REQUEST = 200;
+
+// A big selection (a folder of thousands of files) goes up as several requests, each under the
+// server's size limit, so one broken or oversized file never fails the rest.
+function uploadBatches(files, limit) {
+  const budget = Math.max(limit - 64 * 1024, 1); // room for the multipart framing
+  const batches = [];
+  let batch = [], bytes = 0;
+  for (const file of files) {
+    if (batch.length && (bytes + file.size > budget || batch.length >= UPLOAD_FILES_PER_REQUEST)) {
+      batches.push(batch);
+      batch = [];
+      bytes = 0;
+    }
+    batch.push(file);
+    bytes += file.size;
+  }
+  if (batch.length) batches.push(batch);
+  return batches;
+}
+
+async function upload(files) {
   const kb = state.openKb;
   if (!files.length || !kb) return;
+  for (const batch of uploadBatches(files, state.caller.max_upload_bytes)) await uploadBatch(kb, batch);
+}
+
+function uploadBatch(kb, files) {
   const form = new FormData();
   for (const file of files) form.append("files", file, file.webkitRelativePath || file.name);
-  const card = jobCard(`upload-${Date.now()}`);
+  const card = jobCard(`upload-${Date.now()}-${Math.random().toString(36).slice(2)}`);
   card.title.textContent = `${t("uploading")} · ${files.length} ${t("files")}`;
   const request = new XMLHttpRequest();
   request.open("POST", `${kbPath(kb)}/documents`);
   for (const [name, value] of Object.entries(headers())) request.setRequestHeader(name, value);
   request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) setProgress(card.bar, e.loaded, e.total); });
   card.cancel.addEventListener("click", () => request.abort(), { once: true });
-  request.addEventListener("abort", () => { card.title.textContent = t("cancelled"); card.cancel.hidden = true; });
-  request.addEventListener("load", () => {
-    let body = null;
-    try { body = JSON.parse(request.responseText); } catch { /* not JSON: shown below */ }
-    if (request.status === 202 && body) {
-      card.root.remove();
-      showJob(body);
-      followJob(body);
-    } else {
-      card.title.textContent = `${t("failed")}: ${body?.error?.message || request.status}`;
-      card.cancel.hidden = true;
-    }
+  return new Promise((resolve) => {
+    request.addEventListener("loadend", resolve);
+    request.addEventListener("abort", () => { card.title.textContent = t("cancelled"); card.cancel.hidden = true; });
+    request.addEventListener("error", () => { card.title.textContent = `${t("failed")}: network error`; card.cancel.hidden = true; });
+    request.addEventListener("load", () => {
+      let body = null;
+      try { body = JSON.parse(request.responseText); } catch { /* not JSON: shown below */ }
+      if (request.status === 202 && body) {
+        card.root.remove();
+        showJob(body);
+        followJob(body);
+      } else {
+        card.root.dataset.state = "failed";
+        card.title.textContent = `${t("failed")}: ${body?.error?.message || request.status}`;
+        card.cancel.hidden = true;
+      }
+    });
+    request.send(form);
   });
-  request.send(form);
 }
 
 function jobCard(id) {
