@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from ingest.documents import IngestError, Page
-from ingest.tables import table_block
+from ingest.tables import pdf_table_text
 from ingest.text import read_bytes
 
 # A PDF needs at least this many letters / CJK characters in its text layer to
@@ -25,7 +25,8 @@ def load_pdf_pages(path: Path, *, ocr: bool = False, tables: bool = False) -> li
     """Text of every page of a PDF, numbered from 1.
 
     With ``ocr``, a page whose text layer has fewer than :data:`MIN_PDF_LETTERS`
-    letters (a scan, or glyphs without a Unicode mapping) is rendered and read by
+    letters and :data:`MIN_LAYER_CHARACTERS` characters (a scan, or glyphs without a
+    Unicode mapping; not a page of numbers) is rendered and read by
     OCR instead (``Page.ocr``); the other pages keep their text layer.
     With ``tables``, tables found on a page (see :func:`page_text`) follow the rest
     of its text, one line per row with its headers.
@@ -102,7 +103,7 @@ def page_text(page, tables: bool) -> str:
     rest = page
     for table in found:
         rest = rest.outside_bbox(table.bbox)
-    blocks = [table_block(table.extract()) for table in found]
+    blocks = [pdf_table_text(table.extract()) for table in found]
     return "\n\n".join(part for part in [rest.extract_text() or "", *blocks] if part.strip())
 
 
@@ -123,6 +124,17 @@ def letter_count(text: str) -> int:
     return sum(1 for ch in _CID.sub("", text) if ch.isalpha())
 
 
+# A page with fewer letters than MIN_PDF_LETTERS still has a text layer when it holds this
+# many other characters: a page of numbers (a table, a list of page numbers) is not a scan.
+MIN_LAYER_CHARACTERS = 40
+
+
+def _textless(text: str) -> bool:
+    """No usable text layer: too few letters, and not a page of digits either."""
+    layer = "".join(_CID.sub("", text).split())
+    return letter_count(text) < MIN_PDF_LETTERS and len(layer) < MIN_LAYER_CHARACTERS
+
+
 # Pages are rendered at this resolution for OCR: the recogniser wants text lines
 # about 30-50 pixels high, which 10.5-pt body text is at 200 dpi.
 OCR_DPI = 200
@@ -131,7 +143,7 @@ OCR_DPI = 200
 def _ocr_textless_pages(path: Path, pages: list[Page]) -> list[Page]:
     """``pages`` with every page that has no usable text layer replaced by its OCR'd text
     (when OCR reads more letters than the text layer has)."""
-    textless = [i for i, page in enumerate(pages) if letter_count(page.text) < MIN_PDF_LETTERS]
+    textless = [i for i, page in enumerate(pages) if _textless(page.text)]
     if not textless:
         return pages
     import pypdfium2

@@ -109,3 +109,56 @@ def sheet_section(title: str | None, rows: Iterable[Sequence[object]], max_rows:
     if read == 0:
         lines.append(ROW_MARK + CELL_SEPARATOR.join(names))
     return "\n".join(lines)
+
+
+def unstack_rows(rows: Iterable[Sequence[object]]) -> list[list[object]]:
+    """Rows whose filled cells all hold the same number (> 1) of lines split into that many
+    rows: a PDF table drawn without rules between its rows comes out of the table finder
+    as one row of stacked cells ("Alabama\\nAlaska", "18,870\\n209").
+
+    >>> unstack_rows([["州", "数"], ["Alabama\\nAlaska", "18,870\\n209"]])
+    [['州', '数'], ['Alabama', '18,870'], ['Alaska', '209']]
+    """
+    out: list[list[object]] = []
+    for row in rows:
+        counts = {len(str(cell).splitlines()) for cell in row if cell_text(cell)}
+        if len(counts) == 1 and (count := counts.pop()) > 1:
+            columns = [str(cell).splitlines() if cell_text(cell) else [""] * count for cell in row]
+            out.extend([column[i] for column in columns] for i in range(count))
+        else:
+            out.append(list(row))
+    return out
+
+
+def spread_header(header: Sequence[object]) -> list[str]:
+    """A header row whose merged cells (None after them: pdfplumber's spans) hold one line per
+    column they cover, or a group name and then one line per column, spread over those columns.
+
+    >>> spread_header(["State", "Permit\\nHandgun", None, "Pre-Pawn\\nHandgun\\nLong Gun", None])
+    ['State', 'Permit', 'Handgun', 'Pre-Pawn Handgun', 'Pre-Pawn Long Gun']
+    """
+    names = [cell_text(cell) for cell in header]
+    for i, cell in enumerate(header):
+        span = 1
+        while i + span < len(header) and header[i + span] is None:
+            span += 1
+        lines = [cell_text(line) for line in str(cell or "").splitlines() if cell_text(line)]
+        if span > 1 and len(lines) == span:
+            names[i : i + span] = lines
+        elif span > 1 and len(lines) == span + 1:
+            names[i : i + span] = [f"{lines[0]} {line}" for line in lines[1:]]
+    return names
+
+
+def pdf_table_text(rows: Sequence[Sequence[object]]) -> str:
+    """A table from a PDF's table finder: leading one-cell rows are its caption, the next row
+    its header (spread over merged cells), stacked rows unstacked, then :func:`table_block`."""
+    rows = [row for row in rows if any(cell_text(cell) for cell in row)]
+    captions = []
+    while rows and sum(1 for cell in rows[0] if cell_text(cell)) == 1:
+        captions.append(next(cell_text(cell) for cell in rows[0] if cell_text(cell)))
+        rows = rows[1:]
+    if not rows:
+        return "\n".join(captions)
+    block = table_block([spread_header(rows[0]), *unstack_rows(rows[1:])])
+    return "\n".join([*captions, block])

@@ -42,3 +42,12 @@ def test_table_rows_carry_their_headers(tmp_path):
 def test_tables_can_be_turned_off(tmp_path):
     text = load(make_table_pdf(tmp_path / "门店.pdf"), ReadOptions(pdf_tables=False)).pages[0].text
     assert "华东 128 56,300" in text and "门店数: 128" not in text
+
+
+def test_a_page_of_numbers_is_not_taken_for_a_scan(tmp_path):
+    from tests.fixtures import make_chinese_pdf
+
+    numbers = [[f"- {n}" for n in range(start, start + 30)] for start in (1, 31)]
+    path = make_chinese_pdf(tmp_path / "numbers.pdf", pages=[["第一页有正文，说明这份文件的用途。"], *numbers])
+    document = load(path)
+    assert document.ocr_pages == () and "- 45" in document.pages[2].text
