@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, ingest the project's own documentation
-# (docs/, Chinese and English) into the knowledge base "zhiku-docs", start the
+# (docs/en, docs/zh and docs/BENCHMARKS.md) into the knowledge base "zhiku-docs", start the
 # OpenAI-compatible server on http://127.0.0.1:8000/v1, ask it sample questions,
 # and keep serving until Ctrl-C.
 #
@@ -14,7 +14,7 @@ bash scripts/setup.sh
 BIN="${ZHIKU_VENV:-.venv}/bin"
 PORT="${ZHIKU_PORT:-8000}"
 MODEL="${ZHIKU_DEMO_MODEL:-bundled:qwen2.5-coder-1.5b-instruct}"
-"$BIN/ingest" add docs --kb zhiku-docs
+"$BIN/ingest" add docs/en docs/zh docs/BENCHMARKS.md --kb zhiku-docs   # not docs/bench, docs/images: outputs, screenshots
 "$BIN/ingest" list --kb zhiku-docs
 
 "$BIN/rag" serve --kb zhiku-docs --port "$PORT" --model "$MODEL" &
