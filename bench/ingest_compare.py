@@ -1,6 +1,7 @@
 """zhiku's ingest against a LangChain reference pipeline, on the same files and embedding model.
 
     python -m bench.ingest_compare [--insuranceqa 1500] [--full-insuranceqa]
+    python -m bench.ingest_compare --formats-only     # only the per-format parsing throughput
 
 Reference: pdfplumber/text loaders + RecursiveCharacterTextSplitter +
 HuggingFaceEmbeddings + FAISS.from_documents + save_local, with the same
@@ -8,6 +9,10 @@ chunk size, overlap, model folder and passage prompt. Each run is a separate
 process so peak RSS is its own (plus its child processes'); wall time is the whole process (start, imports,
 model load, work) as a user measures a command; "work" is the same run from the
 first loader call on (imports excluded). Results go to docs/BENCHMARKS.md.
+
+A second table gives each file format's parsing throughput (load, clean, split,
+tokenise: ``ingest.pipeline.prepare_files``, in this process, files made by
+``tests.format_fixtures``), files/s and pages/s, so that a slow loader shows.
 """
 
 from __future__ import annotations
@@ -118,6 +123,77 @@ def expand(paths: list[Path]) -> list[Path]:
 CHILDREN = {"zhiku": run_zhiku, "langchain": run_langchain}
 
 
+# ---- parsing throughput per format ------------------------------------------------
+def format_makers() -> dict[str, tuple[str, object, int]]:
+    """{format: (suffix, make(path), files)}: fixtures written by the libraries that read them."""
+    from tests import format_fixtures as ff
+    from tests.fixtures import PDF_PAGES, make_chinese_pdf
+    from tests.test_ocr import SCAN_PAGES
+    from tests.test_pdf_tables import make_table_pdf
+
+    text = "知库把文档切成片段，检索时先召回相关片段，再交给语言模型生成答案。" * 40
+    return {
+        "txt": (".txt", lambda p: p.write_text(text, encoding="utf-8"), 40),
+        "pdf (text, 4 pages)": (".pdf", lambda p: make_chinese_pdf(p, pages=PDF_PAGES), 20),
+        "pdf (a table)": (".pdf", make_table_pdf, 20),
+        "docx": (".docx", ff.make_docx, 40),
+        "xlsx (2 sheets)": (".xlsx", ff.make_xlsx, 40),
+        "xlsx (5,000 rows)": (".xlsx", lambda p: ff.make_xlsx(p, extra_rows=5000), 4),
+        "pptx (2 slides)": (".pptx", ff.make_pptx, 40),
+        "html": (".html", ff.make_html, 40),
+        "epub": (".epub", ff.make_epub, 40),
+        "csv": (".csv", ff.make_csv, 40),
+        "json": (".json", ff.make_json, 40),
+        "jsonl": (".jsonl", ff.make_jsonl, 40),
+        "png (OCR)": (".png", ff.make_text_image, 3),
+        "scanned pdf (OCR, 2 pages)": (".pdf", lambda p: ff.make_scanned_pdf(p, SCAN_PAGES), 3),
+    }
+
+
+def format_rows() -> list[dict]:
+    from ingest.loaders import load
+    from ingest.ocr import engine
+    from ingest.pipeline import prepare_files
+    from memory.lexical_index import token_text
+    from settings import Settings
+
+    settings = Settings()
+    engine()  # the OCR engine and jieba's dictionary load once per parsing process: not per file
+    token_text("预热 warm-up")
+    rows = []
+    for label, (suffix, make, count) in format_makers().items():
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [Path(tmp) / f"file-{i}{suffix}" for i in range(count)]
+            for path in paths:
+                make(path)
+            pages = sum(len(load(path).pages) for path in paths)
+            paths = [str(path) for path in paths]
+            started = time.perf_counter()
+            prepared = prepare_files(paths, settings.chunk_size, settings.chunk_overlap, token_text)
+            seconds = time.perf_counter() - started
+        failed = [p.reason for p in prepared if p.status != "ok"]
+        if failed:
+            raise RuntimeError(f"{label}: {failed[0]}")
+        rows.append({
+            "format": label, "files": count, "pages": pages, "chunks": sum(len(p.chunks) for p in prepared),
+            "files/s": f"{count / seconds:.1f}", "pages/s": f"{pages / seconds:.1f}",
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_format_rows() -> None:
+    body = (
+        "Parsing only (load, clean, split, BM25 tokens; no embedding), one process, the files of each row "
+        "written by `tests.format_fixtures`; pages are PDF pages, slides and image frames, 1 for the other "
+        "formats. Files/s and pages/s of ingest are these or the embedding's rate (\"Ingest: zhiku vs LangChain "
+        "reference\"), whichever is lower; the OCR rows are short pages of three lines (a dense page: \"OCR\").\n\n"
+        + markdown_table(format_rows())
+    )
+    print(body)
+    write_section("ingest_formats", "Ingest: parsing throughput per file format", "python -m bench.ingest_compare --formats-only", body)
+
+
 def child(pipeline: str, home: Path, files: list[Path]) -> dict:
     """Run one pipeline in a fresh process; ``seconds`` is the whole process's wall time
     (interpreter start, imports, model load, work), as a user would measure it."""
@@ -171,6 +247,7 @@ def main() -> None:
     parser.add_argument("--insuranceqa", type=int, default=1500, help="InsuranceQA zh answers written as files.")
     parser.add_argument("--full-insuranceqa", action="store_true", help="Also ingest all 27k answers (zhiku only, RSS).")
     parser.add_argument("--repeat", type=int, default=2, help="Runs of each pipeline per workload (the fastest is reported).")
+    parser.add_argument("--formats-only", action="store_true", help="Only the per-format parsing throughput table.")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
@@ -183,6 +260,9 @@ def main() -> None:
             run_and_exit(lambda: None)
         return
 
+    if args.formats_only:
+        write_format_rows()
+        return
     from settings import Settings
 
     settings = Settings()
@@ -221,6 +301,7 @@ def main() -> None:
     )
     print(body)
     write_section("ingest_compare", "Ingest: zhiku vs LangChain reference", "python -m bench.ingest_compare", body)
+    write_format_rows()
 
 
 if __name__ == "__main__":

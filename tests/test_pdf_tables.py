@@ -51,3 +51,28 @@ def test_a_page_of_numbers_is_not_taken_for_a_scan(tmp_path):
     path = make_chinese_pdf(tmp_path / "numbers.pdf", pages=[["第一页有正文，说明这份文件的用途。"], *numbers])
     document = load(path)
     assert document.ocr_pages == () and "- 45" in document.pages[2].text
+
+
+def test_stacked_rows_and_merged_headers_from_the_finder():
+    from ingest.tables import pdf_table_text
+
+    rows = [
+        ["月度统计", None, None],
+        ["城市", "门店\n直营\n加盟", None],
+        ["北京\n上海", "12\n30", "5\n8"],
+    ]
+    assert pdf_table_text(rows).splitlines() == [
+        "月度统计",
+        "- 城市: 北京; 门店直营: 12; 门店加盟: 5",
+        "- 城市: 上海; 门店直营: 30; 门店加盟: 8",
+    ]
+
+
+def test_nics_tables(shared_dir):
+    pdfs = shared_dir / "corpus" / "pdfs"
+    upright = load(pdfs / "nics-background-checks-2015-11.pdf").pages[0].text.splitlines()
+    alabama = next(line for line in upright if line.startswith("- State / Territory: Alabama;"))
+    assert alabama.endswith("Totals: 71,137")
+    # the rotated copy's cells are scrambled: its page stays plain text
+    rotated = load(pdfs / "nics-background-checks-2015-11-rotated.pdf").pages[0].text
+    assert "- State / Territory" not in rotated
