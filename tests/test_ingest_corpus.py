@@ -301,7 +301,7 @@ GOOD_PDFS = {
 @requires_shared
 def test_corpus_pdfs_are_all_classified():
     assert {p.name for p in CORPUS_PDFS.glob("*.pdf")} == (
-        set(BROKEN_PDFS) | set(GOOD_PDFS) | {"evil-xobjects.pdf", "zen_of_python_corrupted.pdf"}
+        set(BROKEN_PDFS) | set(GOOD_PDFS) | {SCANNED_PDF, "evil-xobjects.pdf", "zen_of_python_corrupted.pdf"}
     )
 
 
