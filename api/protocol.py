@@ -328,3 +328,20 @@ class Caller(BaseModel):
     readable: list[str] | None = Field(description="Knowledge bases it may read; null for all.")
     writable: list[str] | None = Field(description="Knowledge bases it may change; null for all.")
     max_upload_bytes: int = Field(description="The largest upload request the server takes (the page splits bigger selections).")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class GeneratorLoad(BaseModel):
+    queue_depth: int = Field(description="Requests waiting for a generation slot.")
+    running: int = Field(description="Generations in progress.")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+    model: str | None = None
+    embedding_model: str | None = None
+    error: str | None = Field(None, description="Why loading the models failed.")
+    generator: GeneratorLoad | None = Field(None, description="The local generator's load (an upstream has its own).")
