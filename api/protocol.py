@@ -115,6 +115,7 @@ class SourcePassage(BaseModel):
     pages: list[int] = Field(description="Every PDF page the passage spans.")
     score: float = Field(description="Best cosine similarity of its hits to the query, in [-1, 1]; higher is closer.")
     text: str
+    ocr_pages: list[int] = Field(default_factory=list, description="Its pages read by OCR (scans, images): odd characters there may be misreadings.")
 
     @classmethod
     def of(cls, index: int, passage, shown_source) -> "SourcePassage":
@@ -126,6 +127,7 @@ class SourcePassage(BaseModel):
             pages=list(passage.pages),
             score=round(float(passage.score), 6),
             text=passage.text,
+            ocr_pages=list(passage.ocr_pages),
         )
 
 

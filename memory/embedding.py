@@ -63,9 +63,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # carry no prompts in config_sentence_transformers.json.
 _E5_NAME = re.compile(r"(^|[/\\])(multilingual-)?e5-(small|base|large)(-v2)?([/\\]|$)", re.IGNORECASE)
 _E5_PROMPTS = ("query: ", "passage: ")
-# Texts handed to the model per call, in batches: coarse enough to keep
-# length-sorted batches, fine enough for a moving progress bar.
-_BATCHES_PER_CALL = 8
+# Batches handed to the model per call (the texts are length-sorted beforehand, so the
+# batches are the same at any value). One: progress after every batch, so a server's
+# ingestion job can yield to chat between batches (docs/BENCHMARKS.md, "Chat and search
+# during an ingest") and its progress moves.
+_BATCHES_PER_CALL = 1
 
 _HOW_TO_PROVIDE = f"""\
 Provide the embedding model in one of these ways (nothing is downloaded at run time):

@@ -56,6 +56,7 @@ class Passage:
     score: float
     rank_score: float
     chunk_ids: tuple[int, ...]
+    ocr_pages: tuple[int, ...] = ()  # its pages that were read by OCR: odd characters may be misreadings
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -307,9 +308,10 @@ class _Group:
         self.chunks.update((c.ordinal, c) for c in chunks)
         self.hits += hits
 
-    def passage(self) -> Passage:
+    def passage(self, kb: KnowledgeBase) -> Passage:
         ordered = [self.chunks[o] for o in sorted(self.chunks)]
         pages = tuple(sorted({p for c in ordered for p in c.pages}))
+        document = kb.document(ordered[0].path) if pages else None
         return Passage(
             text=join_without_overlap(ordered),
             source=ordered[0].path,
@@ -318,6 +320,7 @@ class _Group:
             score=max(h.cosine for h in self.hits),
             rank_score=self.hits[0].rank_score,
             chunk_ids=tuple(h.chunk.id for h in self.hits),
+            ocr_pages=tuple(p for p in pages if document is not None and p in document.ocr_pages),
         )
 
 
@@ -350,4 +353,4 @@ def merge_into_passages(
                 groups.remove(other)
         elif not full:
             groups.append(_Group.of(candidate, chunks))
-    return [g.passage() for g in groups]
+    return [g.passage(kb) for g in groups]

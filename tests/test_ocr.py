@@ -124,6 +124,12 @@ def test_knowledge_base_records_the_ocr_pages(tmp_path, settings, embedder, back
             kb.close()
         scanned = documents["扫描件.pdf"]
         assert all(scanned.chunk_from_ocr(c.pages) for c in chunks if c.path == scanned.path)
+        from rag.retrieval import Retriever  # passages say which of their pages came from OCR
+
+        passages = Retriever.from_settings(settings, kbs, embedder).retrieve("扫描", SCAN_PAGES[0][0], top_k=5, score_threshold=-1.0)
+        sources = {Path(p.source).name: p for p in passages}
+        assert set(sources["扫描件.pdf"].ocr_pages) <= {1, 2} and sources["扫描件.pdf"].ocr_pages
+        assert sources.get("说明.txt") is None or sources["说明.txt"].ocr_pages == ()
     finally:
         kbs.close()
 

@@ -149,7 +149,8 @@ def test_passage_fields(retriever):
     assert isinstance(passage, Passage)
     assert passage.source.endswith("refund.txt") and passage.page is None and passage.pages == ()
     assert passage.rank_score > 0 and passage.chunk_ids
-    assert set(passage.to_dict()) == {"text", "source", "pages", "page", "score", "rank_score", "chunk_ids"}
+    assert set(passage.to_dict()) == {"text", "source", "pages", "page", "score", "rank_score", "chunk_ids", "ocr_pages"}
+    assert passage.ocr_pages == ()  # a text file: no page was read by OCR
 
 
 def tiny_cross_encoder(folder):

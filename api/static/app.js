@@ -160,7 +160,8 @@ function passageElement(p, highlighted) {
   item.classList.toggle("highlight", p.index === highlighted);
   const head = document.createElement("div");
   head.className = "passage-head";
-  const where = [p.source, p.page != null ? t("page", { n: p.page }) : null].filter(Boolean).join(" · ");
+  const ocr = p.ocr_pages?.length ? t("ocr_pages", { pages: p.ocr_pages.join(", ") }) : null;
+  const where = [p.source, p.page != null ? t("page", { n: p.page }) : null, ocr].filter(Boolean).join(" · ");
   head.textContent = `[${p.index}] ${where} · ${t("score")} ${Number(p.score).toFixed(3)}`;
   const text = document.createElement("p");
   text.textContent = p.text;
