@@ -15,7 +15,6 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.disconnect import CancelOnDisconnect
 from api.errors import install_error_handlers, without_validation_422
-from api.jobs import CountActiveRequests
 from api.limits import BodySizeLimit
 from api.routes import chat, embeddings, health, jobs, knowledge_bases, models, page
 from api.state import ServerState, build_state
@@ -46,7 +45,6 @@ def create_app(settings: Settings, *, default_kb: str | None = None, state: Serv
     app.state.settings = settings
     app.state.zhiku = state
     app.add_middleware(CancelOnDisconnect)
-    app.add_middleware(CountActiveRequests)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -46,7 +46,7 @@ class ServerState:
         if self.kb_service is None:
             self.kb_service = KnowledgeBaseService(self.knowledge_bases, self.settings)
         if self.jobs is None:
-            self.jobs = Jobs(self.settings.home, self.kb_service, self.embedder, self.settings.ingest_yield_s)
+            self.jobs = Jobs(self.settings.home, self.kb_service, self.embedder)
             self.jobs.recover()  # before the clean-up: an interrupted job's files are kept for its retry
             clean_leftovers(self.settings.home, self.knowledge_bases)
 

@@ -15,12 +15,14 @@ once per process, on first use, in the process that parses files
 
 from __future__ import annotations
 
+import io
 import statistics
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ingest.documents import IngestError, Page
+from ingest.text import read_bytes
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # Longer image sides are scaled down to this first: the detector works at about
@@ -125,13 +127,10 @@ def load_image(path: Path) -> list[Page]:
     """Every frame of an image file (a multi-page TIFF has several) read by OCR, numbered from 1."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
+    data = io.BytesIO(read_bytes(path))  # missing, a folder, unreadable: said by read_bytes
     try:
-        with Image.open(path) as image:
+        with Image.open(data) as image:
             pages = [Page(number, read_image(frame), ocr=True) for number, frame in enumerate(ImageSequence.Iterator(image), 1)]
-    except FileNotFoundError:
-        raise IngestError(path, "no such file") from None
-    except IsADirectoryError:
-        raise IngestError(path, "is a directory, not a file") from None
     except UnidentifiedImageError:
         raise IngestError(path, "not an image, or a damaged one (unrecognised image data)") from None
     except Image.DecompressionBombError:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ingest.documents import IngestError
+from ingest.text import reading
 
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # an OLE2 compound file: old binary Office, or encrypted OOXML
 
@@ -20,15 +21,8 @@ T = TypeVar("T")
 
 def open_package(path: Path, kind: str, opener: Callable[[Path], T]) -> T:
     """``opener(path)`` with every way a damaged or protected package fails turned into an IngestError."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(8)
-    except IsADirectoryError:
-        raise IngestError(path, "is a directory, not a file") from None
-    except FileNotFoundError:
-        raise IngestError(path, "no such file") from None
-    except OSError as exc:
-        raise IngestError(path, f"cannot read file: {exc.strerror or exc}") from None
+    with reading(path), open(path, "rb") as file:
+        head = file.read(8)
     if not head:
         raise IngestError(path, "empty file")
     if head == OLE_MAGIC:

@@ -56,27 +56,34 @@ def row_line(names: Sequence[str], row: Sequence[object]) -> str:
     return CELL_SEPARATOR.join(parts)
 
 
-def rows_as_lines(rows: Iterable[Sequence[object]]) -> list[str]:
-    """The first non-empty row is the header; every later non-empty row is one line."""
+def rows_as_lines(rows: Iterable[Sequence[object]], max_rows: int | None = None) -> tuple[list[str], bool]:
+    """The first non-empty row is the header; every later non-empty row is one line (a header
+    alone is one line of its names). Reads at most ``max_rows`` rows after the header; the
+    second value says whether more were left out."""
     names: list[str] | None = None
     lines = []
+    read = 0
     for row in rows:
         if not any(cell_text(v) for v in row):
             continue
         if names is None:
             names = header_names(row)
             continue
+        if read == max_rows:
+            return lines, True
+        read += 1
         line = row_line(names, row)
         if line:
             lines.append(line)
     if names is not None and not lines:  # a header alone is still text worth keeping
         lines.append(CELL_SEPARATOR.join(names))
-    return lines
+    return lines, False
 
 
 def table_block(rows: Iterable[Sequence[object]]) -> str:
     """The rows of one table as list items, one per row (empty when the table is)."""
-    return "\n".join(ROW_MARK + line for line in rows_as_lines(rows))
+    lines, _ = rows_as_lines(rows)
+    return "\n".join(ROW_MARK + line for line in lines)
 
 
 # Rows read per sheet (spreadsheets, CSV): a sheet of a million rows would make a
@@ -88,27 +95,13 @@ def sheet_section(title: str | None, rows: Iterable[Sequence[object]], max_rows:
     """A sheet as a section: ``## title``, then one list item per row with its headers
     (the first non-empty row); rows past ``max_rows`` are dropped with a line saying so.
     Empty when the sheet is."""
-    names: list[str] | None = None
-    lines = [f"## {title}"] if title else []
-    read = 0
-    for row in rows:
-        if not any(cell_text(v) for v in row):
-            continue
-        if names is None:
-            names = header_names(row)
-            continue
-        if read == max_rows:
-            lines.append(f"（本表超过 {max_rows} 行，其余的行未读入 / rows after the first {max_rows} not read）")
-            break
-        read += 1
-        line = row_line(names, row)
-        if line:
-            lines.append(ROW_MARK + line)
-    if names is None:
+    lines, cut = rows_as_lines(rows, max_rows)
+    if not lines:
         return ""
-    if read == 0:
-        lines.append(ROW_MARK + CELL_SEPARATOR.join(names))
-    return "\n".join(lines)
+    section = ([f"## {title}"] if title else []) + [ROW_MARK + line for line in lines]
+    if cut:
+        section.append(f"（本表超过 {max_rows} 行，其余的行未读入 / rows after the first {max_rows} not read）")
+    return "\n".join(section)
 
 
 def unstack_rows(rows: Iterable[Sequence[object]]) -> list[list[object]]:

@@ -7,6 +7,8 @@ CSV, JSON, and web pages without a charset declaration all go through it.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterator
+from contextlib import contextmanager
 import unicodedata
 from pathlib import Path
 
@@ -28,10 +30,11 @@ _GB_FAMILY = {"gb2312", "gbk", "gb18030", "cp936", "euc-cn", "hz-gb-2312", "x-gb
 
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's bytes; what can go wrong reading it is an IngestError."""
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """What can go wrong opening or reading ``path`` from disk, as an IngestError naming the reason."""
     try:
-        return path.read_bytes()
+        yield
     except IsADirectoryError:
         raise IngestError(path, "is a directory, not a file") from None
     except FileNotFoundError:
@@ -40,6 +43,12 @@ def read_bytes(path: Path) -> bytes:
         raise IngestError(path, "permission denied") from None
     except OSError as exc:
         raise IngestError(path, f"cannot read file: {exc.strerror or exc}") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes; what can go wrong reading it is an IngestError."""
+    with reading(path):
+        return path.read_bytes()
 
 
 _BOMS = (

@@ -64,9 +64,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _E5_NAME = re.compile(r"(^|[/\\])(multilingual-)?e5-(small|base|large)(-v2)?([/\\]|$)", re.IGNORECASE)
 _E5_PROMPTS = ("query: ", "passage: ")
 # Batches handed to the model per call (the texts are length-sorted beforehand, so the
-# batches are the same at any value). One: progress after every batch, so a server's
-# ingestion job can yield to chat between batches (docs/BENCHMARKS.md, "Chat and search
-# during an ingest") and its progress moves.
+# batches are the same at any value). One: progress after every batch, so an upload
+# job's progress on the page moves every few seconds even for long Chinese chunks.
 _BATCHES_PER_CALL = 1
 
 _HOW_TO_PROVIDE = f"""\

@@ -121,10 +121,6 @@ class Settings(BaseSettings):
     ingest_batch_chunks: int = Field(
         1024, ge=1, description="Chunks embedded and committed together by an ingest (long enough to sort by length well)."
     )
-    ingest_yield_s: float = Field(
-        5.0, ge=0, description="Longest a server's ingestion job waits, between embedding batches, for chat and search "
-        "requests in flight to finish (they come first); 0: never waits.",
-    )
     index_save_interval: float = Field(
         30.0, ge=0, description="Seconds between FAISS saves during a long ingest (the store is the truth; the index is re-derived)."
     )
