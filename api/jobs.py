@@ -58,6 +58,7 @@ class Job:
     files_done: int = 0
     chunks_total: int = 0
     chunks_embedded: int = 0
+    ocr_pages_read: int = 0
     outcomes: list[dict] = field(default_factory=list)
     finished_paths: list[str] = field(default_factory=list)  # files done so far, before their outcomes are known
     error: str | None = None
@@ -120,6 +121,9 @@ class _JobProgress(Progress):
     def chunks_embedded(self, count: int) -> None:
         self._check()
         self.jobs._update(self.job, chunks_embedded=self.job.chunks_embedded + count)
+
+    def ocr_page(self, path: str, done: int, total: int) -> None:
+        self.jobs._update(self.job, ocr_pages_read=self.job.ocr_pages_read + 1)  # no cancel check: another thread
 
     def _check(self) -> None:
         if self.job.id in self.jobs._cancelling:

@@ -303,6 +303,7 @@ class IngestJob(BaseModel):
     files_done: int
     chunks_total: int = Field(description="Chunks found so far; grows while files are parsed.")
     chunks_embedded: int
+    ocr_pages_read: int = Field(0, description="Pages of scans and images read by OCR so far (seconds each on a CPU).")
     files: list[JobFile] = Field(description="The job's uploaded files, each with its state.")
     outcomes: list[FileOutcomeInfo] = Field(description="Per file, once the job has finished.")
     error: str | None = Field(description="Why the job failed, or how many of its files did.")

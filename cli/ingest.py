@@ -68,12 +68,13 @@ def service_and_name(kb: str | None, **overrides) -> tuple[KnowledgeBaseService,
 
 
 class BarProgress(Progress):
-    """Rich progress bars on stderr: files parsed and chunks embedded."""
+    """Rich progress bars on stderr: files parsed, chunks embedded, and pages read by OCR once there are any."""
 
     def __init__(self, bars: RichProgress):
         self.bars = bars
         self.files = bars.add_task("parsing", total=None)
         self.chunks = bars.add_task("embedding", total=0)
+        self.ocr = None
 
     def files_found(self, count: int) -> None:
         self.bars.update(self.files, total=count)
@@ -87,6 +88,11 @@ class BarProgress(Progress):
 
     def chunks_embedded(self, count: int) -> None:
         self.bars.update(self.chunks, advance=count)
+
+    def ocr_page(self, path: str, done: int, total: int) -> None:
+        if self.ocr is None:
+            self.ocr = self.bars.add_task("OCR", total=None)
+        self.bars.update(self.ocr, advance=1, description=f"OCR {Path(path).name[:32]} page {done}/{total}")
 
 
 @app.command()

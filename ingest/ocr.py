@@ -11,14 +11,20 @@ paragraph as it does for PDF text.
 The engine takes a while to load and holds its models in memory: it is made
 once per process, on first use, in the process that parses files
 (``ingest.worker``), so OCR overlaps the embedding done by the parent.
+
+Each page read is reported on the ``zhiku.ocr`` logger with ``(path, done, total)`` as
+its ``ocr_page`` attribute: :func:`ocr_pages_reported` turns that into a callback, and
+the parsing process forwards it to its parent (OCR takes seconds a page on a CPU).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import statistics
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ingest.documents import IngestError, Page
@@ -37,8 +43,40 @@ PARAGRAPH_GAP = 0.9
 # come upright far more often than upside down, so it stays off.
 USE_ORIENTATION_CLASSIFIER = False
 
+OCR_LOG = logging.getLogger("zhiku.ocr")
+
 _engine = None
 _engine_lock = threading.Lock()
+
+
+def report_page(path: Path | str, done: int, total: int) -> None:
+    """Say that page ``done`` of the ``total`` to OCR in ``path`` has been read."""
+    OCR_LOG.info("OCR: page %d of %d of %s", done, total, path, extra={"ocr_page": (str(path), done, total)})
+
+
+class _PageReports(logging.Handler):
+    def __init__(self, callback: Callable[[str, int, int], None]):
+        super().__init__(logging.INFO)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        page = getattr(record, "ocr_page", None)
+        if page is not None:
+            self.callback(*page)
+
+
+@contextmanager
+def ocr_pages_reported(callback: Callable[[str, int, int], None]) -> Iterator[None]:
+    """While inside, ``callback(path, done, total)`` after every page OCR reads."""
+    handler = _PageReports(callback)
+    level = OCR_LOG.level
+    OCR_LOG.addHandler(handler)
+    OCR_LOG.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        OCR_LOG.removeHandler(handler)
+        OCR_LOG.setLevel(level)
 
 
 def engine():
@@ -130,7 +168,11 @@ def load_image(path: Path) -> list[Page]:
     data = io.BytesIO(read_bytes(path))  # missing, a folder, unreadable: said by read_bytes
     try:
         with Image.open(data) as image:
-            pages = [Page(number, read_image(frame), ocr=True) for number, frame in enumerate(ImageSequence.Iterator(image), 1)]
+            total = getattr(image, "n_frames", 1)
+            pages = []
+            for number, frame in enumerate(ImageSequence.Iterator(image), 1):
+                pages.append(Page(number, read_image(frame), ocr=True))
+                report_page(path, number, total)
     except UnidentifiedImageError:
         raise IngestError(path, "not an image, or a damaged one (unrecognised image data)") from None
     except Image.DecompressionBombError:

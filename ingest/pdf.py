@@ -148,7 +148,7 @@ def _ocr_textless_pages(path: Path, pages: list[Page]) -> list[Page]:
         return pages
     import pypdfium2
 
-    from ingest.ocr import read_image
+    from ingest.ocr import read_image, report_page
 
     pages = list(pages)
     try:
@@ -156,11 +156,12 @@ def _ocr_textless_pages(path: Path, pages: list[Page]) -> list[Page]:
     except pypdfium2.PdfiumError as exc:
         raise IngestError(path, f"malformed PDF: cannot render pages for OCR ({exc})") from None
     try:
-        for i in textless:
+        for done, i in enumerate(textless, 1):
             image = document[i].render(scale=OCR_DPI / 72).to_pil()
             text = read_image(image)
             if letter_count(text) > letter_count(pages[i].text):
                 pages[i] = Page(pages[i].number, text, ocr=True)
+            report_page(path, done, len(textless))
     finally:
         document.close()
     return pages

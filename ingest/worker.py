@@ -10,6 +10,9 @@ over the child's stdin/stdout, answered in order::
     >>> worker.result(ticket)                                            # doctest: +SKIP
     [PreparedFile(status='ok', reason=None, chunks=[...])]
 
+While it parses, the child also sends notes: each page OCR reads (``ingest.ocr``) reaches
+the parent's ``on_ocr_page(path, done, total)``, called on the thread that reads answers.
+
 It is a plain subprocess, not multiprocessing: nothing of the parent is
 inherited (not the knowledge base's lock file, not its SQLite handle) and the
 parent's ``__main__`` is never re-imported. When the parent dies, the child
@@ -31,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 _HEADER = struct.Struct("<Q")
+# Every frame from the child starts with its kind: an answer to a request, or a note.
+_ANSWER, _NOTE = b"A", b"N"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +46,10 @@ class WorkerDied(RuntimeError):
 class ParseWorker:
     """The parent's handle on one parsing process."""
 
-    def __init__(self, *, niceness: int = 0, pdfminer_level: int | None = None):
+    def __init__(
+        self, *, niceness: int = 0, pdfminer_level: int | None = None, on_ocr_page: Callable[[str, int, int], None] | None = None
+    ):
+        self.on_ocr_page = on_ocr_page
         level = logging.getLogger("pdfminer").level if pdfminer_level is None else pdfminer_level
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
@@ -87,13 +95,17 @@ class ParseWorker:
         while True:
             header = _read_exactly(stream, _HEADER.size)
             payload = _read_exactly(stream, _HEADER.unpack(header)[0]) if header else None
+            if payload is not None and payload[:1] == _NOTE:
+                if self.on_ocr_page is not None:
+                    self.on_ocr_page(*pickle.loads(payload[1:]))
+                continue
             with self._arrived:
                 if payload is None:
                     code = self.process.wait()
                     self._dead = WorkerDied(f"the parsing process exited with code {code} before answering")
                     self._arrived.notify_all()
                     return
-                self._answers[self._received] = payload
+                self._answers[self._received] = payload[1:]
                 self._received += 1
                 self._arrived.notify_all()
 
@@ -142,6 +154,18 @@ def _serve(level: int, niceness: int) -> None:
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the answers
+
+    def send(kind: bytes, payload: bytes) -> None:
+        answers.write(_HEADER.pack(len(payload) + 1) + kind + payload)
+        answers.flush()
+
+    from ingest.ocr import ocr_pages_reported
+
+    with ocr_pages_reported(lambda *page: send(_NOTE, pickle.dumps(page))):
+        _answer_requests(requests, send)
+
+
+def _answer_requests(requests, send: Callable[[bytes, bytes], None]) -> None:
     while True:
         header = _read_exactly(requests, _HEADER.size)
         if header is None:
@@ -154,8 +178,7 @@ def _serve(level: int, niceness: int) -> None:
             answer = pickle.dumps((True, function(*args)), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
             answer = pickle.dumps((False, _picklable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
-        answers.write(_HEADER.pack(len(answer)) + answer)
-        answers.flush()
+        send(_ANSWER, answer)
 
 
 def _picklable(exc: Exception) -> Exception:

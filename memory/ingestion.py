@@ -32,6 +32,7 @@ import numpy as np
 
 from ingest.documents import ReadOptions
 from ingest.loaders import SLOW_SUFFIXES
+from ingest.ocr import ocr_pages_reported
 from ingest.pipeline import IndexableChunk, PreparedFile, iter_candidate_files, prepare_files
 from ingest.worker import ParseWorker
 from memory.files import file_sha256, fsync_dir
@@ -65,6 +66,8 @@ class Progress:
     def file_done(self, path: str) -> None: ...
     def chunks_queued(self, count: int) -> None: ...
     def chunks_embedded(self, count: int) -> None: ...
+    def ocr_page(self, path: str, done: int, total: int) -> None:
+        """Page ``done`` of the ``total`` that ``path`` needs OCR for was read (called from another thread)."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,7 @@ def add_paths(
         progress.files_found(len(files))
         batcher = _Batcher(kb, embedder, progress, batch_chunks)
         parallel = len(files) >= PARALLEL_PARSE_MIN_FILES or any(p.suffix.lower() in SLOW_SUFFIXES for p in files)
-        parser = _Parser(chunk_size, chunk_overlap, parallel, read_options)
+        parser = _Parser(chunk_size, chunk_overlap, parallel, read_options, progress)
         queue: deque[FileOutcome | _Parsing] = deque()
         ahead = 0  # bytes of the files in ``queue``
 
@@ -337,11 +340,14 @@ class _ParseTask:
 class _Parser:
     """Parses files (load, clean, split, tokenise) in groups, in a separate process when ``parallel``."""
 
-    def __init__(self, chunk_size: int, chunk_overlap: int, parallel: bool, read_options: ReadOptions = ReadOptions()):
+    def __init__(
+        self, chunk_size: int, chunk_overlap: int, parallel: bool, read_options: ReadOptions = ReadOptions(), progress: Progress | None = None
+    ):
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.parallel = parallel
         self.read_options = read_options
+        self.progress = progress or Progress()
         self.started = False
         self.worker: ParseWorker | None = None
         self.group = _ParseTask()
@@ -349,7 +355,7 @@ class _Parser:
     def start(self) -> None:
         self.started = True
         if self.parallel:
-            self.worker = ParseWorker(niceness=PARSE_WORKER_NICENESS)
+            self.worker = ParseWorker(niceness=PARSE_WORKER_NICENESS, on_ocr_page=self.progress.ocr_page)
 
     def submit(self, item: _Parsing) -> None:
         item.task, item.slot = self.group, len(self.group.paths)
@@ -367,7 +373,8 @@ class _Parser:
         if self.worker is not None:
             task.ticket = self.worker.submit(prepare_files, *args)
         else:
-            task.results = prepare_files(*args)
+            with ocr_pages_reported(self.progress.ocr_page):
+                task.results = prepare_files(*args)
 
     def result(self, item: _Parsing) -> PreparedFile:
         task = item.task

@@ -241,7 +241,7 @@ class Retriever:
         kb.refresh()
         vector = np.asarray(self.embedder.embed_queries([query])[0], dtype=np.float32)
         hits = [Candidate(h.chunk, h.score, h.score) for h in kb.search(vector, top_k)]
-        return [_Group.of(hit, kb.neighbourhood(hit.chunk, step, self.char_budget)).passage() for hit in hits]
+        return [_Group.of(hit, kb.neighbourhood(hit.chunk, step, self.char_budget)).passage(kb) for hit in hits]
 
     def _knowledge_base(self, name: str) -> tuple[KnowledgeBase, threading.Lock]:
         with self._guard:

@@ -16,7 +16,7 @@ import pytest
 from ingest.documents import IngestError, ReadOptions
 from ingest.loaders import load
 from ingest.pipeline import prepare_file
-from memory.ingestion import add_paths
+from memory.ingestion import Progress, add_paths
 from memory.knowledge_base import STORE_DB, KnowledgeBases
 from tests import format_fixtures as ff
 from bench.ocr import character_accuracy
@@ -164,3 +164,37 @@ def test_a_store_made_before_ocr_still_opens(tmp_path, settings, embedder):
     (folder / "b.txt").write_text("新加入的文档。", encoding="utf-8")
     add_paths(kbs, "旧库", [folder], embedder, chunk_size=120, chunk_overlap=20)  # a writer migrates
     assert [d.ocr_pages for d in kbs.documents("旧库")] == [(), ()]
+
+
+class _RecordedOcrPages(Progress):
+    def __init__(self) -> None:
+        self.pages: list[tuple[str, int, int]] = []
+
+    def ocr_page(self, path: str, done: int, total: int) -> None:
+        self.pages.append((Path(path).name, done, total))
+
+
+def test_each_page_read_by_ocr_is_reported_from_the_parsing_process(tmp_path, settings, embedder):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    ff.make_scanned_pdf(folder / "扫描件.pdf", SCAN_PAGES)
+    ff.make_text_image(folder / "通知.png", work=tmp_path)
+    progress = _RecordedOcrPages()
+    kbs = KnowledgeBases.from_settings(settings)
+    try:
+        report = add_paths(kbs, "进度", [folder], embedder, chunk_size=120, chunk_overlap=20, progress=progress)
+    finally:
+        kbs.close()
+    assert report.exit_code == 0
+    assert sorted(progress.pages) == [("扫描件.pdf", 1, 2), ("扫描件.pdf", 2, 2), ("通知.png", 1, 1)]
+
+
+def test_pages_are_reported_when_parsing_in_this_process_too(tmp_path):
+    from ingest.ocr import ocr_pages_reported
+
+    image = ff.make_text_image(tmp_path / "通知.png", work=tmp_path)
+    seen = []
+    with ocr_pages_reported(lambda *page: seen.append(page)):
+        prepare_file(image, 600, 120)
+    prepare_file(image, 600, 120)  # outside: no one is told
+    assert seen == [(str(image), 1, 1)]

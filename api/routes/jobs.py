@@ -47,6 +47,7 @@ def job_view(job: Job, shown: Callable[[str], str]) -> IngestJob:
         files_done=job.files_done,
         chunks_total=job.chunks_total,
         chunks_embedded=job.chunks_embedded,
+        ocr_pages_read=job.ocr_pages_read,
         files=_job_files(job, shown),
         outcomes=[FileOutcomeInfo(**{**o, "path": shown(o["path"])}) for o in job.outcomes],
         error=job.error,

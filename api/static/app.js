@@ -475,7 +475,8 @@ function showJob(job) {
   state.jobs.set(job.id, job);
   const card = jobCard(job.id);
   card.root.dataset.state = job.state;
-  const chunks = job.chunks_total ? ` · ${job.chunks_embedded}/${job.chunks_total} ${t("chunks")}` : "";
+  const chunks = (job.chunks_total ? ` · ${job.chunks_embedded}/${job.chunks_total} ${t("chunks")}` : "")
+    + (job.ocr_pages_read ? ` · OCR ${job.ocr_pages_read}` : "");
   card.title.textContent = `${t(job.state)} · ${job.files_done}/${job.files_total} ${t("files")}${chunks}${job.error ? ` · ${job.error}` : ""}`;
   setProgress(card.bar, job.state === "done" ? 1 : job.files_done, job.state === "done" ? 1 : job.files_total);
   card.cancel.hidden = !(job.state === "queued" || job.state === "running") || !canWrite(job.knowledge_base);
