@@ -87,7 +87,9 @@ def requests_served(state) -> int:
 
 
 def assert_freed(server, state, idle_seconds: float) -> None:
-    assert wait_for(lambda: generator_idle(state), timeout=1.0), state.generator.stats()
+    # Freed within about one prefill or decode step, far short of the story's 400 tokens (~50
+    # short answers): the bound scales with this machine's speed under its current load.
+    assert wait_for(lambda: generator_idle(state), timeout=1.0 + 2 * idle_seconds), state.generator.stats()
     assert short_answer_seconds(server, state) < 2 * idle_seconds + 0.5
 
 
