@@ -55,7 +55,6 @@ class Job:
     started: float | None = None
     finished: float | None = None
     files_total: int = 0
-    files_done: int = 0
     chunks_total: int = 0
     chunks_embedded: int = 0
     ocr_pages_read: int = 0
@@ -68,6 +67,10 @@ class Job:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def files_done(self) -> int:
+        return len(self.finished_paths)
 
 
 class JobStore:
@@ -111,8 +114,7 @@ class _JobProgress(Progress):
 
     def file_done(self, path: str) -> None:
         self._check()
-        self.job.finished_paths.append(path)
-        self.jobs._update(self.job, files_done=self.job.files_done + 1, persist=True)
+        self.jobs._update(self.job, finished_paths=[*self.job.finished_paths, path], persist=True)
 
     def chunks_queued(self, count: int) -> None:
         self._check()
@@ -280,24 +282,24 @@ class Jobs:
         except KnowledgeBaseError:
             return set()
 
+    @staticmethod
+    def _uncommitted(job: Job, committed: set[str]) -> list[tuple[str, Path]]:
+        """``(staged name, destination)`` of the job's files moved into the upload folder but not in ``committed``."""
+        pairs = [(staged, Path(destination)) for staged, destination in job.files]
+        return [(staged, path) for staged, path in pairs if path.is_file() and str(path.resolve()) not in committed]
+
     def _drop_uncommitted(self, job: Job) -> None:
         """After a cancel: uploaded files the knowledge base never committed are removed."""
         committed = self._committed_paths(job.kb)
-        for _, destination in job.files:
-            path = Path(destination)
-            if path.is_file() and str(path.resolve()) not in committed:
-                path.unlink(missing_ok=True)
+        for _, path in self._uncommitted(job, committed):
+            path.unlink(missing_ok=True)
         resolved = [str(Path(d).resolve()) for _, d in job.files]
         job.outcomes = [asdict(FileOutcome(d, "ingested" if d in committed else "cancelled")) for d in resolved]
         shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
 
     def _take_back_uncommitted(self, job: Job) -> None:
         """Interrupted: files moved into the upload folder but never committed go back to the job's folder."""
-        committed = self._committed_paths(job.kb)
         folder = self.job_dir(job.id)
-        for staged, destination in job.files:
-            path = Path(destination)
-            if path.is_file() and str(path.resolve()) not in committed:
-                folder.mkdir(parents=True, exist_ok=True)
-                os.replace(path, folder / staged)
-
+        for staged, path in self._uncommitted(job, self._committed_paths(job.kb)):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(path, folder / staged)
