@@ -9,7 +9,11 @@ against Milvus (embedded milvus-lite).
    hybrid search latency (``Retriever.retrieve``: dense + BM25 recall 30, fusion, merging,
    neighbour fetch; top_k 5, step 1) with each query's vector given, so the embedder is not
    measured, and recall@10 of ``KnowledgeBase.search`` against exact search.
-2. **Quality**, the same chunks and vectors in both backends (the Milvus copy is made from
+2. **Milvus' exact-search threshold**: one growing Milvus knowledge base; at each size its
+   dense search (``KnowledgeBase.search``, k 10) is timed on FLAT and then on HNSW, with
+   HNSW's recall@10 against FLAT's answers, so the size above which HNSW pays is measured
+   rather than borrowed from the local one.
+3. **Quality**, the same chunks and vectors in both backends (the Milvus copy is made from
    the local one): InsuranceQA validation MRR@10 (hybrid, per language) and
    ../shared/eval/dev.jsonl hit@5 (hybrid, step 1, over ../shared/corpus).
 """
@@ -30,7 +34,7 @@ from bench import insuranceqa
 from bench.report import markdown_table, write_section
 from ingest.pipeline import IndexableChunk
 from memory.knowledge_base import DocumentUpdate, KnowledgeBases, Manifest
-from memory.milvus_backend import MilvusConnection
+from memory.milvus_backend import HNSW_EF, MilvusConnection
 from rag.retrieval import Retriever
 from settings import Settings
 
@@ -57,11 +61,10 @@ class GivenQueryVectors:
         return np.stack([self.vectors[t] for t in texts])
 
 
-def catalogue(home: Path, backend: str, settings: Settings) -> KnowledgeBases:
+def catalogue(home: Path, backend: str, settings: Settings, exact_max: int | None = None) -> KnowledgeBases:
     milvus = MilvusConnection(str(home / "milvus.db")) if backend == "milvus" else None
-    return KnowledgeBases(
-        home / "kb", exact_max=settings.exact_search_max_chunks, nprobe=settings.ivf_nprobe, default_backend=backend, milvus=milvus
-    )
+    exact_max = settings.exact_search_max_chunks if exact_max is None else exact_max
+    return KnowledgeBases(home / "kb", exact_max=exact_max, nprobe=settings.ivf_nprobe, default_backend=backend, milvus=milvus)
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
@@ -74,14 +77,14 @@ def sentence(rng: random.Random) -> str:
 
 
 # ---- 1. scale ---------------------------------------------------------------------
-def fill(kbs: KnowledgeBases, backend: str, chunks: int, seed: int) -> float:
-    """Commit ``chunks`` synthetic chunks (the same for every backend: seeded); seconds taken."""
+def fill(kbs: KnowledgeBases, backend: str, chunks: int, seed: int, first_chunk: int = 0) -> float:
+    """Commit synthetic chunks ``first_chunk`` … ``chunks`` (the same for every backend: seeded); seconds taken."""
     rng, words = np.random.default_rng(seed), random.Random(seed)
     centres = clustered(np.random.default_rng(0), np.eye(DIM, dtype=np.float32), 3000)
     manifest = Manifest("scale", "synthetic", DIM, 400, 80, "store-1", backend=backend)
     started = time.perf_counter()
     with kbs.writer("scale", create=manifest) as kb:
-        for first in range(0, chunks, PER_DOCUMENT * DOCUMENTS_PER_COMMIT):
+        for first in range(first_chunk, chunks, PER_DOCUMENT * DOCUMENTS_PER_COMMIT):
             updates = []
             for doc in range(first, min(first + PER_DOCUMENT * DOCUMENTS_PER_COMMIT, chunks), PER_DOCUMENT):
                 vectors = clustered(rng, centres, PER_DOCUMENT)
@@ -148,7 +151,55 @@ def scale_rows(sizes: list[int], queries: int, settings: Settings) -> list[dict]
     return rows
 
 
-# ---- 2. quality -------------------------------------------------------------------
+# ---- 2. Milvus' exact-search threshold --------------------------------------------
+def timed_dense(kb, query_vectors: np.ndarray) -> tuple[list[list[int]], float, float]:
+    kb.search(query_vectors[0], 10)  # warm: the first search after an index change loads it
+    found, latencies = [], []
+    for q in query_vectors:
+        started = time.perf_counter()
+        found.append([h.chunk.id for h in kb.search(q, 10)])
+        latencies.append((time.perf_counter() - started) * 1000)
+    return found, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+
+
+def milvus_threshold_rows(sizes: list[int], queries: int, settings: Settings) -> list[dict]:
+    rows, filled = [], 0
+    rng = np.random.default_rng(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        for chunks in sorted(sizes):
+            exact = catalogue(Path(tmp), "milvus", settings, exact_max=10**12)  # writer close: FLAT
+            fill(exact, "milvus", chunks, seed=chunks, first_chunk=filled)
+            filled = chunks
+            kb = exact.open("scale")
+            stored_vectors = kb.chunk_vectors(rng.choice([c.id for c in kb.all_chunks()], queries).tolist())
+            query_vectors = stored_vectors + rng.normal(0, 0.02, stored_vectors.shape).astype(np.float32)
+            query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+            truth, flat_p50, flat_p99 = timed_dense(kb, query_vectors)
+            kb.close()
+            exact.close()
+            approximate = catalogue(Path(tmp), "milvus", settings, exact_max=1)  # writer close: HNSW
+            started = time.perf_counter()
+            with approximate.writer("scale"):
+                pass
+            build = time.perf_counter() - started
+            kb = approximate.open("scale")
+            found, hnsw_p50, hnsw_p99 = timed_dense(kb, query_vectors)
+            kb.close()
+            approximate.close()
+            recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+            row = {
+                "chunks": f"{chunks:,}",
+                "FLAT p50 ms": f"{flat_p50:.1f}", "FLAT p99 ms": f"{flat_p99:.1f}",
+                "HNSW p50 ms": f"{hnsw_p50:.1f}", "HNSW p99 ms": f"{hnsw_p99:.1f}",
+                "HNSW recall@10": f"{recall:.3f}", "HNSW build s": f"{build:.0f}",
+                "FLAT / HNSW p50": f"{flat_p50 / hnsw_p50:.2f}",
+            }  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+# ---- 3. quality -------------------------------------------------------------------
 def copy_into(source: KnowledgeBases, target: KnowledgeBases, name: str) -> None:
     """The same documents, chunks and vectors in another backend (no re-embedding)."""
     manifest = source.manifest(name)
@@ -223,6 +274,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, nargs="+", default=[100_000])
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument(
+        "--threshold-chunks", type=int, nargs="*", default=[10_000, 25_000, 50_000, 100_000, 200_000],
+        help="sizes at which Milvus' FLAT and HNSW dense search are compared (none: skip)",
+    )  # fmt: skip
     parser.add_argument("--questions", type=int, default=300, help="InsuranceQA validation questions per language")
     parser.add_argument("--pool", type=int, default=3000, help="InsuranceQA answers searched")
     parser.add_argument("--skip-quality", action="store_true")
@@ -230,17 +285,18 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     scale = scale_rows(args.chunks, args.queries, settings)
+    threshold = milvus_threshold_rows(args.threshold_chunks, args.queries, settings) if args.threshold_chunks else []
     quality = []
     if not args.skip_quality:
         with tempfile.TemporaryDirectory() as tmp:
             quality = quality_rows(settings, Path(tmp), args.questions, args.pool)
-    body = render(settings, args, scale, quality)
+    body = render(settings, args, scale, threshold, quality)
     print(body)
     if not args.no_write:
         write_section("backends", "Knowledge-base backends: local vs Milvus (milvus-lite)", "python -m bench.backends", body)
 
 
-def render(settings: Settings, args, scale: list[dict], quality: list[dict]) -> str:
+def render(settings: Settings, args, scale: list[dict], threshold: list[dict], quality: list[dict]) -> str:
     import milvus_lite
     import pymilvus
 
@@ -253,6 +309,13 @@ def render(settings: Settings, args, scale: list[dict], quality: list[dict]) -> 
         f"Peak RSS of the run {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB.\n\n"
         + markdown_table(scale)
     )
+    if threshold:
+        text += (
+            f"\n\nMilvus' exact-search threshold: dense search only (`KnowledgeBase.search`, k 10, {args.queries} queries "
+            "near stored vectors), one growing milvus-lite knowledge base timed on FLAT, then on HNSW (M 16, efConstruction "
+            f"200, ef {HNSW_EF}); recall against FLAT's answers. zhiku switches to HNSW above `exact_search_max_chunks` "
+            f"({settings.exact_search_max_chunks:,}).\n\n" + markdown_table(threshold)
+        )
     if quality:
         text += (
             f"\n\nQuality, the same chunks and vectors in both ({settings.embedding_model}, chunk_size {settings.chunk_size}): "
