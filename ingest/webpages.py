@@ -27,7 +27,7 @@ _GB_NAMES = {"gb2312", "gbk", "gb18030", "x-gbk", "cp936", "euc-cn"}
 # Never text, wherever they appear.
 _INVISIBLE = ("script", "style", "noscript", "template", "svg", "iframe", "head")
 # Site furniture, dropped by the fallback extraction.
-_FURNITURE = ("nav", "header", "footer", "aside", "form", "menu")
+SITE_FURNITURE = ("nav", "header", "footer", "aside", "form", "menu")
 # What starts a paragraph, and what only starts a line.
 _PARAGRAPHS = {"p", "div", "section", "article", "main", "pre", "blockquote", "table", "ul", "ol", "dl", "figure"}
 _LINES = {"li", "tr", "br", "dd", "dt"}
@@ -39,7 +39,7 @@ def load_html(path: Path) -> list[Page]:
     markup = decode_html(read_bytes(path), path)
     root = parse_html(markup, path)
     title = page_title(root)
-    body = _main_content(markup) or element_text(root, drop=_FURNITURE)
+    body = _main_content(markup) or element_text(root, drop=SITE_FURNITURE)
     if title and not body.lstrip("# ").startswith(title):
         body = f"# {title}\n\n{body}"
     return [Page(None, body)]

@@ -65,6 +65,8 @@ where another replica may be writing right now; embedded milvus-lite has one wri
 # jieba emits punctuation as tokens; BM25 over "，" and "。" ranks every chunk alike (the local tokenizer drops them too)
 PUNCTUATION = sorted(set(string.punctuation) | set("，。、；：？！“”‘’（）《》【】〔〕—…·「」『』〈〉～￥　"))
 ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": PUNCTUATION}]}
+INDEX_DROP_WAIT_S = 300.0
+"""How long a writer waits for Milvus to finish dropping an index it replaces."""
 HNSW_EF = 128
 """Candidates HNSW explores per query (above ``exact_max`` chunks)."""
 
@@ -373,11 +375,29 @@ class MilvusKnowledgeBase(KnowledgeBase):
             return
         call("release_collection", self.chunks_collection)
         call("drop_index", self.chunks_collection, "vector")
+        self._await_no_vector_index()
         index = call("prepare_index_params")
         params = {"M": 16, "efConstruction": 200} if wanted == "HNSW" else {}
         index.add_index("vector", index_type=wanted, metric_type="IP", params=params)
         call("create_index", self.chunks_collection, index)
         call("load_collection", self.chunks_collection)
+
+    def _await_no_vector_index(self) -> None:
+        """Wait for a dropped index to be gone: on a million chunks milvus-lite still listed it when
+        ``drop_index`` returned, and the next ``create_index`` failed with "index already exists"."""
+        started = time.monotonic()
+        asked = started
+        while self.connection.call("list_indexes", self.chunks_collection, field_name="vector"):
+            now = time.monotonic()
+            if now - started > INDEX_DROP_WAIT_S:
+                raise KnowledgeBaseUnavailable(
+                    f"Milvus at {self.connection.uri}: the old index of {self.chunks_collection} was not dropped "
+                    f"within {INDEX_DROP_WAIT_S:.0f} s; run the command again"
+                )
+            if now - asked > 10:  # a drop refused while the index was still building: ask again
+                self.connection.call("drop_index", self.chunks_collection, "vector")
+                asked = now
+            time.sleep(0.2)
 
     # ---- the registry ----------------------------------------------------
     def _records_ocr(self) -> bool:

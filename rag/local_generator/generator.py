@@ -24,7 +24,7 @@ from rag.generation import (
     TextDelta,
     UnknownAdapter,
 )
-from rag.local_generator.cpu_int8 import quantise_linear_layers
+from rag.local_generator.cpu_quantised import quantise_linear_layers
 from rag.local_generator.adapters import AdapterSet
 from rag.local_generator.batch import RunningBatch
 from rag.local_generator.loading import eos_ids, load_model
@@ -63,8 +63,8 @@ class LocalGenerator:
         self.tokenizer = load_chat_tokenizer(model_path)
         base = load_model(model_path, self.device, dtype, quantization)
         self.models = AdapterSet(base, adapters or {})
-        if quantization == "8bit" and not self.device.startswith("cuda"):
-            quantise_linear_layers(base)
+        if quantization != "none" and not self.device.startswith("cuda"):
+            quantise_linear_layers(base, bits=8 if quantization == "8bit" else 4)
         self.adapters = self.models.names
         self.context_window = context_window(base.config, self.tokenizer)
         self.eos_ids = eos_ids(base, self.tokenizer)

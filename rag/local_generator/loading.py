@@ -1,4 +1,4 @@
-"""Loading the base model: its dtype, device placement, bitsandbytes quantisation and EOS tokens.
+"""Loading the base model: its dtype, device placement, bitsandbytes quantisation (CUDA) and EOS tokens.
 
 (The tokenizer is loaded by :func:`rag.chat_template.load_chat_tokenizer`, shared with ``finetune/``.)
 """
@@ -27,20 +27,16 @@ def load_model(path: str | Path, device: str, dtype: str, quantization: str):
     if device.startswith("cuda"):
         # one GPU named: everything on it; plain "cuda": let accelerate spread a large model
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
-    if quantization != "none" and not (quantization == "8bit" and not device.startswith("cuda")):
-        # on the CPU, 8bit is int8 weight-only (cpu_int8), applied once the adapters are in place
-        kwargs["quantization_config"] = _bitsandbytes_config(quantization, device, kwargs["dtype"])
+    if quantization != "none" and device.startswith("cuda"):
+        # on the CPU, 8bit / 4bit are weight-only layers (cpu_quantised), applied once the adapters are in place
+        kwargs["quantization_config"] = _bitsandbytes_config(quantization, kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not device.startswith("cuda"):
         model.to(device)
     return model.eval()
 
 
-def _bitsandbytes_config(quantization: str, device: str, compute_dtype: torch.dtype):
-    if not device.startswith("cuda"):
-        raise GenerationError(
-            f"generator_quantization={quantization!r} needs a CUDA GPU (bitsandbytes); on CPU use 'none' or '8bit'"
-        )
+def _bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
