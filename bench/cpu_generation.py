@@ -1,8 +1,9 @@
 """The bundled Qwen on this CPU: zhiku's local generator against llama.cpp, same weights, one run.
 
-    # benchmark only: builds llama.cpp from the sdist (~4 min on 2 cores), with every AVX-512
-    # kernel but without the AMX backend, which segfaults in llama_decode on this Xeon
-    # (llama.cpp issues #11115, #20824); REPACK, its fast Q4_K path, stays on
+    # benchmark only: builds llama.cpp from the sdist (~4 min on 2 cores). On a CPU without AMX
+    # (AMD Zen 4): CMAKE_ARGS="-DGGML_NATIVE=ON". On an Intel Xeon with AMX: every AVX-512 kernel
+    # but not the AMX backend, which segfaults in llama_decode there (llama.cpp issues #11115,
+    # #20824); REPACK, its fast Q4_K path, stays on:
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
       -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
       pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36 sse-starlette starlette-context
@@ -15,12 +16,13 @@ template, greedy decoding, at most ``--new-tokens`` tokens.
 
 * **zhiku** — ``LocalGenerator`` on the bundled Qwen folder (dtype 'auto': bf16 where
   the CPU has native bf16), in-process; concurrency 4 goes through its batcher;
+* **zhiku-int8**, **zhiku-int4** — the same with ``generator_quantization`` 8bit / 4bit;
 * **llama.cpp** — ``llama_cpp.Llama`` on the Q4_K_M GGUF the folder was made from
   (assembled again from the pinned slices), ``n_threads`` = cores, ``n_batch`` 512.
   One ``Llama`` decodes one sequence, so its concurrency 4 is four requests in a row.
 
 Over HTTP, with the same prompts (``--no-http`` skips these): ``rag serve`` with the
-local generator (its start-up to ``/ready`` and peak RSS: target ≤ 5 GB), llama.cpp's
+local generator, bf16 and 4bit (start-up to ``/ready`` and peak RSS: target ≤ 5 GB), llama.cpp's
 own OpenAI-compatible server (``python -m llama_cpp.server``), and ``rag serve
 --upstream`` pointed at that server.
 
@@ -204,7 +206,7 @@ def peak_rss_kb(pid: int) -> int:
 
 
 def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
-    """Three HTTP systems, each asked the four prompts one at a time, then all four at once."""
+    """Four HTTP systems, each asked the four prompts one at a time, then all four at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.live_server import free_port
@@ -222,17 +224,18 @@ def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
                   "load_s": ready_s, "dtype": weights, "peak_rss_kb": peak_rss_kb(process.pid)}
         return summary(name, result)
 
-    def serve(extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, float]:
+    def serve(extra: tuple[str, ...] = (), quantization: str = "none") -> tuple[subprocess.Popen, str, float]:
         port, started = free_port(), time.perf_counter()
-        process = start_server(env, port, kb=None, extra=extra)
+        process = start_server({**env, "ZHIKU_GENERATOR_QUANTIZATION": quantization}, port, kb=None, extra=extra)
         return process, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     rows = []
-    process, url, ready_s = serve()
-    try:
-        rows.append(measure("rag serve (local generator)", url, "qwen2.5-coder-1.5b-instruct", process, ready_s, "bf16", exact=True))
-    finally:
-        process.terminate(); process.wait(60)
+    for quantization, name, weights in (("none", "rag serve (local generator)", "bf16"), ("4bit", "rag serve, 4bit", "int4 + int8")):
+        process, url, ready_s = serve(quantization=quantization)
+        try:
+            rows.append(measure(name, url, "qwen2.5-coder-1.5b-instruct", process, ready_s, weights, exact=True))
+        finally:
+            process.terminate(); process.wait(60)
     port = free_port()
     llama = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "8192",
                               "--n_threads", str(args.threads), "--n_batch", "512", "--port", str(port),

@@ -426,13 +426,6 @@ def test_adapters_change_output_and_base_stays_base(generator_model_path, adapte
         run(alone.aclose())
 
 
-def test_quantization_needs_cuda(generator_model_path):
-    from rag.local_generator import LocalGenerator
-
-    with pytest.raises(GenerationError, match="CUDA"):
-        LocalGenerator(generator_model_path, dtype="float32", device="cpu", quantization="4bit")
-
-
 def test_aclose_ends_running_and_waiting_requests(generator_model_path):
     from rag.local_generator import LocalGenerator
 
