@@ -8,8 +8,9 @@ sections and "related articles" lists are left out; tables kept), the
 (a page that is all content, e.g. a short exported note), the visible text of
 the body is used without the page's navigation, header, footer and scripts.
 
-The encoding is the page's own declaration (``<meta charset>`` or the
-``http-equiv`` form) when it decodes the bytes, else detection as for text files.
+The encoding is the page's own declaration (``<meta charset>``, the ``http-equiv``
+form, or an XHTML file's ``<?xml … encoding=…?>``) when it decodes the bytes, else
+detection as for text files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from pathlib import Path
 from ingest.documents import IngestError, Page
 from ingest.text import decode_text, read_bytes
 
-_DECLARED_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
+_DECLARED_CHARSET = re.compile(
+    rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)|^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9_.:-]+)""", re.I
+)
+# Once decoded, an XHTML page's own encoding declaration is stale, and lxml refuses text that carries one.
+_XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 _DECLARATION_WINDOW = 4096
 _GB_NAMES = {"gb2312", "gbk", "gb18030", "x-gbk", "cp936", "euc-cn"}
 # Never text, wherever they appear.
@@ -47,9 +52,13 @@ def load_html(path: Path) -> list[Page]:
 
 def decode_html(data: bytes, path: Path | str) -> str:
     """The page's text in its declared charset (GB2312/GBK read as GB18030), else as detected."""
+    return _XML_DECLARATION.sub("", _decoded(data, path), count=1)
+
+
+def _decoded(data: bytes, path: Path | str) -> str:
     declared = _DECLARED_CHARSET.search(data[:_DECLARATION_WINDOW])
     if declared:
-        charset = declared.group(1).decode("ascii").lower()
+        charset = (declared.group(1) or declared.group(2)).decode("ascii").lower()
         try:
             return data.decode("gb18030" if charset in _GB_NAMES else charset)
         except (LookupError, UnicodeDecodeError):

@@ -128,6 +128,15 @@ def test_htm_page_that_is_all_content(tmp_path):
     assert "决定下周一上线新版本。" in text_of(path)
 
 
+def test_xhtml_page_with_its_own_xml_encoding_declaration(tmp_path):
+    # saved XHTML pages start with an XML declaration, which lxml refuses in decoded text
+    path = tmp_path / "通知.html"
+    page = '<?xml version="1.0" encoding="gb2312"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><head><title>停电通知</title></head>'
+    path.write_bytes((page + "<body><p>周六上午九点到十二点，三号楼停电检修。</p></body></html>").encode("gb2312"))
+    text = text_of(path)
+    assert text.startswith("# 停电通知") and "三号楼停电检修" in text
+
+
 def test_binary_html_is_refused(tmp_path):
     (tmp_path / "page.html").write_bytes(b"\x00\xff\xfe\x01" * 500)
     assert reason(tmp_path / "page.html").startswith("binary file")
