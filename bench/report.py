@@ -27,7 +27,24 @@ def machine() -> str:
     except OSError:
         pass
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory_gb:.0f} GiB RAM, Python {platform.python_version()}"
+    return f"{cpu}{matrix_features()}, {os.cpu_count()} cores, {memory_gb:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def matrix_features() -> str:
+    """The CPU's widest matrix instructions, e.g. " (AMX)": CPUs of one model name differ in them, and
+    bf16 speed-ups depend on them."""
+    try:
+        flags = next(
+            set(line.split(":", 1)[1].split())
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return ""
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512, no bf16"), ("avx2", "AVX2")):
+        if flag in flags:
+            return f" ({name})"
+    return ""
 
 
 def write_section(name: str, title: str, command: str, body: str, path: Path = BENCHMARKS) -> None:
