@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -272,7 +273,7 @@ def quality_rows(settings: Settings, home: Path, questions: int, pool: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[100_000], help="scale rows' sizes (none: skip)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument(
         "--threshold-chunks", type=int, nargs="*", default=[10_000, 25_000, 50_000, 100_000, 200_000],
@@ -284,46 +285,60 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
     settings = Settings()
-    scale = scale_rows(args.chunks, args.queries, settings)
-    threshold = milvus_threshold_rows(args.threshold_chunks, args.queries, settings) if args.threshold_chunks else []
-    quality = []
-    if not args.skip_quality:
-        with tempfile.TemporaryDirectory() as tmp:
-            quality = quality_rows(settings, Path(tmp), args.questions, args.pool)
-    body = render(settings, args, scale, threshold, quality)
-    print(body)
-    if not args.no_write:
-        write_section("backends", "Knowledge-base backends: local vs Milvus (milvus-lite)", "python -m bench.backends", body)
+    # each part writes its own section as soon as it is measured, so a partial run keeps the others
+    parts = [
+        ("backends", "Knowledge-base backends: local vs Milvus (milvus-lite)", args.chunks,
+         lambda: render_scale(settings, args, scale_rows(args.chunks, args.queries, settings))),
+        ("backends-threshold", "Milvus: exact (FLAT) vs HNSW dense search by size", args.threshold_chunks,
+         lambda: render_threshold(settings, args, milvus_threshold_rows(args.threshold_chunks, args.queries, settings))),
+        ("backends-quality", "Knowledge-base backends: retrieval quality, local vs Milvus", not args.skip_quality,
+         lambda: render_quality(settings, quality_rows_in_temporary_home(settings, args))),
+    ]  # fmt: skip
+    command = f"python -m bench.backends {' '.join(sys.argv[1:])}".strip()
+    for name, title, wanted, measure in parts:
+        if wanted:
+            body = measure()
+            print(body, flush=True)
+            if not args.no_write:
+                write_section(name, title, command, body)
 
 
-def render(settings: Settings, args, scale: list[dict], threshold: list[dict], quality: list[dict]) -> str:
+def quality_rows_in_temporary_home(settings: Settings, args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return quality_rows(settings, Path(tmp), args.questions, args.pool)
+
+
+def render_scale(settings: Settings, args, scale: list[dict]) -> str:
     import milvus_lite
     import pymilvus
 
-    text = (
+    return (
         f"pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__} (embedded, in-process). Scale: synthetic "
         f"Chinese chunks and clustered vectors (dim {DIM}), {PER_DOCUMENT} chunks per document, {DOCUMENTS_PER_COMMIT} documents "
         f"per commit through `put_documents`; exact search up to {settings.exact_search_max_chunks:,} chunks on both "
-        f"(then IVF nprobe {settings.ivf_nprobe} locally, HNSW ef 128 on Milvus). Hybrid latency: `Retriever.retrieve`, "
+        f"(then IVF nprobe {settings.ivf_nprobe} locally, HNSW ef {HNSW_EF} on Milvus). Hybrid latency: `Retriever.retrieve`, "
         f"top_k 5, step 1, recall {settings.recall_k}, {args.queries} queries, query vectors given (no embedding). "
         f"Peak RSS of the run {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB.\n\n"
         + markdown_table(scale)
     )
-    if threshold:
-        text += (
-            f"\n\nMilvus' exact-search threshold: dense search only (`KnowledgeBase.search`, k 10, {args.queries} queries "
-            "near stored vectors), one growing milvus-lite knowledge base timed on FLAT, then on HNSW (M 16, efConstruction "
-            f"200, ef {HNSW_EF}); recall against FLAT's answers. zhiku switches to HNSW above `exact_search_max_chunks` "
-            f"({settings.exact_search_max_chunks:,}).\n\n" + markdown_table(threshold)
-        )
-    if quality:
-        text += (
-            f"\n\nQuality, the same chunks and vectors in both ({settings.embedding_model}, chunk_size {settings.chunk_size}): "
-            "hybrid retrieval with the default fusion. Local BM25 uses zhiku's tokenizer (jieba search mode + whole "
-            "identifiers); Milvus its own BM25 function with the jieba analyzer (punctuation removed). "
-            "Target: Milvus no worse than local by more than 0.01.\n\n" + markdown_table(quality)
-        )
-    return text
+
+
+def render_threshold(settings: Settings, args, threshold: list[dict]) -> str:
+    return (
+        f"Dense search only (`KnowledgeBase.search`, k 10, {args.queries} queries near stored vectors), one growing "
+        f"milvus-lite knowledge base timed on FLAT, then on HNSW (M 16, efConstruction 200, ef {HNSW_EF}); recall against "
+        f"FLAT's answers. zhiku switches to HNSW above `exact_search_max_chunks` ({settings.exact_search_max_chunks:,}).\n\n"
+        + markdown_table(threshold)
+    )
+
+
+def render_quality(settings: Settings, quality: list[dict]) -> str:
+    return (
+        f"The same chunks and vectors in both ({settings.embedding_model}, chunk_size {settings.chunk_size}): "
+        "hybrid retrieval with the default fusion. Local BM25 uses zhiku's tokenizer (jieba search mode + whole "
+        "identifiers); Milvus its own BM25 function with the jieba analyzer (punctuation removed). "
+        "Target: Milvus no worse than local by more than 0.01.\n\n" + markdown_table(quality)
+    )
 
 
 if __name__ == "__main__":

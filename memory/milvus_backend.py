@@ -67,6 +67,8 @@ PUNCTUATION = sorted(set(string.punctuation) | set("，。、；：？！“”�
 ANALYZER = {"tokenizer": "jieba", "filter": [{"type": "stop", "stop_words": PUNCTUATION}]}
 INDEX_DROP_WAIT_S = 300.0
 """How long a writer waits for Milvus to finish dropping an index it replaces."""
+INDEX_BUILD_WAIT_S = 7200.0
+"""How long a writer waits for Milvus to build a replacing index (HNSW over a million chunks: minutes)."""
 HNSW_EF = 128
 """Candidates HNSW explores per query (above ``exact_max`` chunks)."""
 
@@ -369,18 +371,53 @@ class MilvusKnowledgeBase(KnowledgeBase):
         """Exact search up to ``exact_max`` chunks, HNSW above (back to exact below half of it)."""
         call = self.connection.call
         chunks = self.chunk_count()
-        current = (call("describe_index", self.chunks_collection, "vector") or {}).get("index_type", "FLAT")
+        current = self._vector_index().get("index_type", "FLAT")
         wanted = "HNSW" if chunks > self._exact_max or (current == "HNSW" and chunks > self._exact_max // 2) else "FLAT"
         if wanted == current:
             return
         call("release_collection", self.chunks_collection)
         call("drop_index", self.chunks_collection, "vector")
         self._await_no_vector_index()
-        index = call("prepare_index_params")
-        params = {"M": 16, "efConstruction": 200} if wanted == "HNSW" else {}
-        index.add_index("vector", index_type=wanted, metric_type="IP", params=params)
-        call("create_index", self.chunks_collection, index)
+        self._build_vector_index(wanted)
         call("load_collection", self.chunks_collection)
+
+    def _build_vector_index(self, index_type: str) -> None:
+        """Start the build and wait for it here: pymilvus' own wait re-sends ``create_index`` when one of its
+        polls fails, and on a million chunks the re-sent call failed with "index already exists"."""
+        call = self.connection.call
+        index = call("prepare_index_params")
+        params = {"M": 16, "efConstruction": 200} if index_type == "HNSW" else {}
+        index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
+        try:
+            call("create_index", self.chunks_collection, index, sync=False)
+        except KnowledgeBaseUnavailable:
+            if self._vector_index().get("index_type") != index_type:
+                raise
+        self._await_vector_index_built()
+
+    def _vector_index(self) -> dict:
+        return self.connection.call("describe_index", self.chunks_collection, "vector") or {}
+
+    def _await_vector_index_built(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                described = self._vector_index()
+            except KnowledgeBaseUnavailable:  # a busy milvus-lite can miss a poll while it builds
+                described = {}
+            if described.get("state") == "Failed":
+                raise KnowledgeBaseUnavailable(
+                    f"Milvus at {self.connection.uri} failed to build the index of {self.chunks_collection}; "
+                    "run the command again"
+                )
+            if described.get("state") == "Finished":
+                return
+            if time.monotonic() - started > INDEX_BUILD_WAIT_S:
+                raise KnowledgeBaseUnavailable(
+                    f"Milvus at {self.connection.uri}: the index of {self.chunks_collection} was not built "
+                    f"within {INDEX_BUILD_WAIT_S:.0f} s; run the command again"
+                )
+            time.sleep(1.0)
 
     def _await_no_vector_index(self) -> None:
         """Wait for a dropped index to be gone: on a million chunks milvus-lite still listed it when

@@ -52,3 +52,48 @@ def test_milvus_errors_name_the_server_and_the_call(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(KnowledgeBaseUnavailable, match=f"cannot reach Milvus at {uri}"):
         MilvusConnection(uri, timeout=2).call("list_collections")
+
+
+def _synthetic_documents(count: int, per_document: int, dim: int, rng):
+    import hashlib
+
+    import numpy as np
+
+    from ingest.pipeline import IndexableChunk
+    from memory.backend import DocumentUpdate
+
+    updates = []
+    for doc in range(count):
+        texts = [f"文档{doc}的第{n}段。" for n in range(per_document)]
+        chunks = tuple(
+            IndexableChunk(n, t, hashlib.sha256(t.encode()).hexdigest(), (), n * 10, n * 10 + len(t))
+            for n, t in enumerate(texts)
+        )
+        vectors = rng.standard_normal((per_document, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        updates.append(DocumentUpdate(f"/docs/doc{doc}.txt", "0" * 64, 1, "ok", None, chunks, vectors))
+    return updates
+
+
+def test_the_vector_index_switches_to_hnsw_above_exact_max_and_back_below_half(connection, tmp_path):
+    import numpy as np
+
+    from memory.backend import Manifest
+    from memory.knowledge_base import KnowledgeBases
+
+    kbs = KnowledgeBases(tmp_path / "kb", exact_max=40, default_backend="milvus", milvus=connection)
+    manifest = Manifest("grow", "synthetic", 8, 400, 80, "store-1", backend="milvus")
+    updates = _synthetic_documents(6, 10, 8, np.random.default_rng(0))
+    with kbs.writer("grow", create=manifest) as kb:
+        kb.put_documents(updates)
+    kb = kbs.open("grow")
+    assert kb.chunk_count() == 60
+    assert kb._vector_index()["index_type"] == "HNSW"
+    probe = updates[3].vectors[4]
+    assert kb.search(probe, 1)[0].score == pytest.approx(1.0, abs=1e-4)
+    with kbs.writer("grow") as kb:
+        kb.delete_documents([u.path for u in updates[:5]])
+    kb = kbs.open("grow")
+    assert kb.chunk_count() == 10
+    assert kb._vector_index()["index_type"] == "FLAT"
+    assert kb.search(updates[5].vectors[2], 1)[0].score == pytest.approx(1.0, abs=1e-4)
