@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
 import random
 import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +136,9 @@ def scale_rows(sizes: list[int], queries: int, settings: Settings) -> list[dict]
     rows = []
     for chunks in sizes:
         for backend in ("local", "milvus"):
-            with tempfile.TemporaryDirectory() as tmp:
-                kbs = catalogue(Path(tmp), backend, settings)
-                seconds = fill(kbs, backend, chunks, seed=chunks)
-                row = {"chunks": f"{chunks:,}", "backend": backend, "fill s": f"{seconds:.0f}", "chunks/s": f"{chunks / seconds:,.0f}"}
-                row |= measure_scale(kbs, settings, queries, seed=1)
-                row["disk MB"] = f"{sum(p.stat().st_size for p in Path(tmp).rglob('*') if p.is_file()) / 2**20:,.0f}"
-                kbs.close()
+            # each row in a fresh process: its own peak RSS, nothing left over from the row before
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                row = pool.submit(scale_row, chunks, backend, queries, settings).result()
             print(row, flush=True)
             rows.append(row)
         local, milvus = rows[-2], rows[-1]  # the named baseline is local, measured in the same run
@@ -150,6 +148,18 @@ def scale_rows(sizes: list[int], queries: int, settings: Settings) -> list[dict]
             f"p50 {float(milvus['hybrid p50 ms']) / float(local['hybrid p50 ms']):.0f}× slower"
         )
     return rows
+
+
+def scale_row(chunks: int, backend: str, queries: int, settings: Settings) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        kbs = catalogue(Path(tmp), backend, settings)
+        seconds = fill(kbs, backend, chunks, seed=chunks)
+        row = {"chunks": f"{chunks:,}", "backend": backend, "fill s": f"{seconds:.0f}", "chunks/s": f"{chunks / seconds:,.0f}"}
+        row |= measure_scale(kbs, settings, queries, seed=1)
+        row["disk MB"] = f"{sum(p.stat().st_size for p in Path(tmp).rglob('*') if p.is_file()) / 2**20:,.0f}"
+        kbs.close()
+    row["peak RSS MB"] = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f}"
+    return row
 
 
 # ---- 2. Milvus' exact-search threshold --------------------------------------------
@@ -318,7 +328,7 @@ def render_scale(settings: Settings, args, scale: list[dict]) -> str:
         f"per commit through `put_documents`; exact search up to {settings.exact_search_max_chunks:,} chunks on both "
         f"(then IVF nprobe {settings.ivf_nprobe} locally, HNSW ef {HNSW_EF} on Milvus). Hybrid latency: `Retriever.retrieve`, "
         f"top_k 5, step 1, recall {settings.recall_k}, {args.queries} queries, query vectors given (no embedding). "
-        f"Peak RSS of the run {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB.\n\n"
+        "Each row runs in its own process (peak RSS: that process's, milvus-lite included).\n\n"
         + markdown_table(scale)
     )
 

@@ -647,9 +647,15 @@ class MilvusKnowledgeBase(KnowledgeBase):
         return sorted(self.chunks(document.id * ORDINALS_PER_DOCUMENT + o for o in ordinals).values(), key=lambda c: c.ordinal)
 
     def chunk_vectors(self, ids: list[int]) -> np.ndarray:
-        rows = self.connection.call("get", self.chunks_collection, ids=[int(i) for i in ids], output_fields=["vector"])
-        by_id = {int(row["id"]): row["vector"] for row in rows}
-        return np.asarray([by_id[int(i)] for i in ids], dtype=np.float32).reshape(len(ids), self.manifest.dimension)
+        """Read in batches: pymilvus returns a vector as a list of Python floats (about 12 KB at dim 384), so a
+        million vectors read at once need over 12 GB."""
+        out = np.empty((len(ids), self.manifest.dimension), dtype=np.float32)
+        for start in range(0, len(ids), _BATCH):
+            batch = [int(i) for i in ids[start : start + _BATCH]]
+            rows = self.connection.call("get", self.chunks_collection, ids=batch, output_fields=["vector"])
+            by_id = {int(row["id"]): row["vector"] for row in rows}
+            out[start : start + len(batch)] = np.asarray([by_id[i] for i in batch], dtype=np.float32)
+        return out
 
     def vectors_by_text(self, text_shas: Iterable[str]) -> dict[str, np.ndarray]:
         self._ensure_registry_read()
