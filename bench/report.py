@@ -33,6 +33,12 @@ def machine() -> str:
 def matrix_features() -> str:
     """The CPU's widest matrix instructions, e.g. " (AMX)": CPUs of one model name differ in them, and
     bf16 speed-ups depend on them."""
+    kind = cpu_kind()
+    return f" ({kind})" if kind else ""
+
+
+def cpu_kind() -> str:
+    """"AMX", "AVX512-BF16", "AVX-512, no bf16", "AVX2" or "" (from /proc/cpuinfo)."""
     try:
         flags = next(
             set(line.split(":", 1)[1].split())
@@ -43,7 +49,7 @@ def matrix_features() -> str:
         return ""
     for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512, no bf16"), ("avx2", "AVX2")):
         if flag in flags:
-            return f" ({name})"
+            return name
     return ""
 
 

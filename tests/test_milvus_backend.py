@@ -97,3 +97,22 @@ def test_the_vector_index_switches_to_hnsw_above_exact_max_and_back_below_half(c
     assert kb.chunk_count() == 10
     assert kb._vector_index()["index_type"] == "FLAT"
     assert kb.search(updates[5].vectors[2], 1)[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_chunk_vectors_reads_more_ids_than_one_batch_in_the_order_asked(connection, tmp_path):
+    import numpy as np
+
+    from memory.backend import Manifest
+    from memory.knowledge_base import KnowledgeBases
+
+    kbs = KnowledgeBases(tmp_path / "kb", default_backend="milvus", milvus=connection)
+    updates = _synthetic_documents(25, 100, 8, np.random.default_rng(1))  # 2,500 chunks: more than one read batch
+    with kbs.writer("many", create=Manifest("many", "synthetic", 8, 400, 80, "store-1", backend="milvus")) as kb:
+        kb.put_documents(updates)
+    kb = kbs.open("many")
+    stored = {(c.document_id, c.ordinal): c.id for c in kb.all_chunks()}
+    documents = {d.path: d.id for d in kb.documents()}
+    expected = {stored[(documents[u.path], n)]: u.vectors[n] for u in updates for n in range(len(u.vectors))}
+    ids = list(expected)
+    np.random.default_rng(2).shuffle(ids)
+    assert np.allclose(kb.chunk_vectors(ids), np.stack([expected[i] for i in ids]), atol=1e-6)
