@@ -66,8 +66,10 @@ class GivenQueryVectors:
 
 def catalogue(home: Path, backend: str, settings: Settings, exact_max: int | None = None) -> KnowledgeBases:
     milvus = MilvusConnection(str(home / "milvus.db")) if backend == "milvus" else None
-    exact_max = settings.exact_search_max_chunks if exact_max is None else exact_max
-    return KnowledgeBases(home / "kb", exact_max=exact_max, nprobe=settings.ivf_nprobe, default_backend=backend, milvus=milvus)
+    local_max = settings.exact_search_max_chunks if exact_max is None else exact_max
+    milvus_max = settings.milvus_exact_search_max_chunks if exact_max is None else exact_max
+    return KnowledgeBases(home / "kb", exact_max=local_max, milvus_exact_max=milvus_max, nprobe=settings.ivf_nprobe,
+                          default_backend=backend, milvus=milvus)
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
@@ -325,8 +327,8 @@ def render_scale(settings: Settings, args, scale: list[dict]) -> str:
     return (
         f"pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__} (embedded, in-process). Scale: synthetic "
         f"Chinese chunks and clustered vectors (dim {DIM}), {PER_DOCUMENT} chunks per document, {DOCUMENTS_PER_COMMIT} documents "
-        f"per commit through `put_documents`; exact search up to {settings.exact_search_max_chunks:,} chunks on both "
-        f"(then IVF nprobe {settings.ivf_nprobe} locally, HNSW ef {HNSW_EF} on Milvus). Hybrid latency: `Retriever.retrieve`, "
+        f"per commit through `put_documents`; exact search up to {settings.exact_search_max_chunks:,} chunks locally (then IVF "
+        f"nprobe {settings.ivf_nprobe}), up to {settings.milvus_exact_search_max_chunks:,} on Milvus (then HNSW ef {HNSW_EF}). Hybrid latency: `Retriever.retrieve`, "
         f"top_k 5, step 1, recall {settings.recall_k}, {args.queries} queries, query vectors given (no embedding). "
         "Each row runs in its own process (peak RSS: that process's, milvus-lite included).\n\n"
         + markdown_table(scale)
@@ -337,7 +339,7 @@ def render_threshold(settings: Settings, args, threshold: list[dict]) -> str:
     return (
         f"Dense search only (`KnowledgeBase.search`, k 10, {args.queries} queries near stored vectors), one growing "
         f"milvus-lite knowledge base timed on FLAT, then on HNSW (M 16, efConstruction 200, ef {HNSW_EF}); recall against "
-        f"FLAT's answers. zhiku switches to HNSW above `exact_search_max_chunks` ({settings.exact_search_max_chunks:,}).\n\n"
+        f"FLAT's answers. zhiku switches to HNSW above `milvus_exact_search_max_chunks` ({settings.milvus_exact_search_max_chunks:,}).\n\n"
         + markdown_table(threshold)
     )
 

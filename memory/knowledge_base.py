@@ -53,6 +53,7 @@ class KnowledgeBases:
         root: Path,
         *,
         exact_max: int = 200_000,
+        milvus_exact_max: int = 20_000,
         nprobe: int = 32,
         lock_timeout: float = 0.0,
         index_save_interval: float = 30.0,
@@ -61,6 +62,7 @@ class KnowledgeBases:
     ):
         self.root = root
         self._exact_max = exact_max
+        self._milvus_exact_max = milvus_exact_max  # measured apart: Milvus' HNSW pays off sooner (bench.backends)
         self._nprobe = nprobe
         self._lock_timeout = lock_timeout
         self._index_save_interval = index_save_interval
@@ -73,6 +75,7 @@ class KnowledgeBases:
         return cls(
             settings.kb_root,
             exact_max=settings.exact_search_max_chunks,
+            milvus_exact_max=settings.milvus_exact_search_max_chunks,
             nprobe=settings.ivf_nprobe,
             lock_timeout=settings.lock_timeout,
             index_save_interval=settings.index_save_interval,
@@ -158,7 +161,7 @@ class KnowledgeBases:
             from memory.milvus_backend import MilvusKnowledgeBase
 
             self.catalogue()  # refuses clearly when Milvus is not configured
-            return MilvusKnowledgeBase(manifest, self._milvus, writable=writable, exact_max=self._exact_max)
+            return MilvusKnowledgeBase(manifest, self._milvus, writable=writable, exact_max=self._milvus_exact_max)
         return LocalKnowledgeBase(
             self.root / manifest.name,
             manifest,

@@ -81,7 +81,7 @@ def test_the_vector_index_switches_to_hnsw_above_exact_max_and_back_below_half(c
     from memory.backend import Manifest
     from memory.knowledge_base import KnowledgeBases
 
-    kbs = KnowledgeBases(tmp_path / "kb", exact_max=40, default_backend="milvus", milvus=connection)
+    kbs = KnowledgeBases(tmp_path / "kb", milvus_exact_max=40, default_backend="milvus", milvus=connection)
     manifest = Manifest("grow", "synthetic", 8, 400, 80, "store-1", backend="milvus")
     updates = _synthetic_documents(6, 10, 8, np.random.default_rng(0))
     with kbs.writer("grow", create=manifest) as kb:
