@@ -118,3 +118,14 @@ def test_local_generator_quantised_on_the_cpu_serves_quantised_layers(generator_
     finally:
         asyncio.run(gen.aclose())
         asyncio.run(plain.aclose())
+
+
+def test_quantising_a_float32_model_warns_that_the_kernels_are_slow_there(caplog):
+    model = nn.Sequential(nn.Linear(64, 32))  # float32: what dtype 'auto' gives on a CPU without native bf16
+    with caplog.at_level("WARNING", logger="rag.local_generator.cpu_quantised"):
+        quantise_linear_layers(model, bits=8)
+    assert "without native bf16" in caplog.text and "generator_quantization='none'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rag.local_generator.cpu_quantised"):
+        quantise_linear_layers(nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16), bits=8)
+    assert "without native bf16" not in caplog.text

@@ -160,6 +160,12 @@ def quantise_linear_layers(model: nn.Module, bits: int = 8) -> dict[str, int]:
         for name, module in model.named_modules()
         if type(module) is nn.Linear and "lora_" not in name
     ]
+    if targets and targets[0][1].weight.dtype == torch.float32:
+        log.warning(
+            "weight-only quantisation of a float32 model (dtype 'auto' is float32 on a CPU without native bf16): "
+            "torch's int8 and int4 kernels are much slower than float32 matmuls there (int4: 10x per decode step, "
+            "100x per prefill on a Xeon with AVX-512 only); use generator_quantization='none' on such a machine"
+        )
     counts = {"int4": 0, "int8": 0}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
