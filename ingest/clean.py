@@ -220,7 +220,7 @@ def remove_repeated_edge_lines(pages: list[str], edge: int = 3, min_share: float
     lines of a page (at most a third of its lines) whose digit-normalised form
     ("4 / 57" → "# / #", a page number at either end ignored) appears in that zone on at
     least ``min_share`` of the pages (and on at least 2 pages; 3 when the document has
-    4 pages or more). Repeated until nothing changes (at most 4 rounds), so footers
+    4 pages or more). Repeated until nothing changes (at most 8 rounds), so footers
     several lines deep go too.
 
     >>> pages = [f"知库手册\\n{body}\\n{i} / 3" for i, body in enumerate(["甲。", "乙。", "丙。"], 1)]
@@ -231,15 +231,19 @@ def remove_repeated_edge_lines(pages: list[str], edge: int = 3, min_share: float
         return list(pages)
     # Footers can be several lines deep; each round peels the repeated edge lines off,
     # so the next round sees the lines beneath them at the edge.
-    for _ in range(4):
-        cleaned = _remove_edge_lines_once(pages, edge, min_share)
+    # A line found repeated in one round stays a running line in the next: on a short page
+    # it may only reach the edge once the lines beneath it are gone.
+    running: set[str] = set()
+    for _ in range(8):
+        cleaned = _remove_edge_lines_once(pages, edge, min_share, running)
         if cleaned == pages:
             break
         pages = cleaned
     return list(pages)
 
 
-def _remove_edge_lines_once(pages: list[str], edge: int, min_share: float) -> list[str]:
+def _remove_edge_lines_once(pages: list[str], edge: int, min_share: float, running: set[str]) -> list[str]:
+    """One round; ``running`` (the keys of lines found repeated so far) grows with this round's."""
     min_pages = max(2 if len(pages) < 4 else 3, math.ceil(min_share * len(pages)))
     zones: list[list[int]] = []
     counts: Counter[str] = Counter()
@@ -250,7 +254,8 @@ def _remove_edge_lines_once(pages: list[str], edge: int, min_share: float) -> li
         zone = sorted(set(nonblank[:k] + nonblank[-k:]))
         zones.append(zone)
         counts.update({_edge_key(lines[i]) for i in zone})
-    repeated = {key for key, n in counts.items() if n >= min_pages and key}
+    running.update(key for key, n in counts.items() if n >= min_pages and key)
+    repeated = running
     if not repeated:
         return list(pages)
     cleaned = []

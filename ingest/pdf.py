@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ingest.documents import IngestError, Page
+from ingest.pdf_columns import reading_order_text
 from ingest.tables import pdf_table_text
 from ingest.text import read_bytes
 
@@ -95,16 +96,17 @@ MIN_UPRIGHT_SHARE = 0.9
 
 
 def page_text(page, tables: bool) -> str:
-    """A pdfplumber page's text; with ``tables``, the text outside its tables, then each
-    table as rows carrying their headers (``ingest.tables``)."""
+    """A pdfplumber page's text in reading order (column by column: ``ingest.pdf_columns``); with
+    ``tables``, the text outside its tables, then each table as rows carrying their headers
+    (``ingest.tables``)."""
     found = _tables(page) if tables else []
     if not found:
-        return page.extract_text() or ""
+        return reading_order_text(page)
     rest = page
     for table in found:
         rest = rest.outside_bbox(table.bbox)
     blocks = [pdf_table_text(table.extract()) for table in found]
-    return "\n\n".join(part for part in [rest.extract_text() or "", *blocks] if part.strip())
+    return "\n\n".join(part for part in [reading_order_text(rest), *blocks] if part.strip())
 
 
 def _tables(page) -> list:
