@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER on the first --model, asked as NAME.")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Only N questions, spread evenly over the file (a quick look).")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ID", help="Only these question ids (a quick look).")
+    parser.add_argument("--tag", default="", help="Added to each generator's label and answers file (a variant's run).")
     parser.add_argument("--port", type=int, default=8391)
     parser.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "zhiku-bench-answers",
                         help="Where the dev knowledge base is built once and kept.")
@@ -211,6 +213,7 @@ def main() -> None:
         raise SystemExit("bench.answers needs ../shared/eval/dev.jsonl beside the checkout")
     items = [json.loads(line) for line in (SHARED / "eval" / "dev.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     items = items[:: -(-len(items) // args.limit)] if args.limit else items
+    items = [item for item in items if item["id"] in args.only] if args.only else items
 
     models = str(Settings().model_cache)
     settings = Settings(home=args.home, models_dir=models)  # ZHIKU_* settings apply, to the server too
@@ -220,14 +223,14 @@ def main() -> None:
     rows = []
     for index, model in enumerate(args.model if not args.rescore else []):
         env = {**base_env, "ZHIKU_GENERATOR_MODEL": model}
-        rows.append(run_generator(model.removeprefix("bundled:"), env, args.port, items, args.max_tokens))
+        rows.append(run_generator(model.removeprefix("bundled:") + args.tag, env, args.port, items, args.max_tokens))
         if index == 0 and args.adapter:
             adapters = dict(a.split("=", 1) for a in args.adapter)
             env["ZHIKU_GENERATOR_ADAPTERS"] = json.dumps(adapters)
             for name in adapters:
                 rows.append(run_generator(f"{model.removeprefix('bundled:')}+{name}", env, args.port, items, args.max_tokens, model=name))
     if args.rescore:
-        labels = [m.removeprefix("bundled:") for m in args.model]
+        labels = [m.removeprefix("bundled:") + args.tag for m in args.model]
         labels += [f"{labels[0]}+{a.split('=', 1)[0]}" for a in args.adapter]
         rows = [score(label, load_answers(label, items)) for label in labels]
     table = markdown_table(rows)
