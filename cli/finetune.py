@@ -135,6 +135,8 @@ def build_rag_data(
     out: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
     base: Annotated[Optional[str], typer.Option("--base", help="Model whose chat template and context window count tokens (default: the server's).")] = None,
     no_answer_share: Annotated[float, typer.Option(help="Share of samples given passages without the answer.", min=0.0, max=1.0)] = 0.2,
+    negatives: Annotated[str, typer.Option(help="Passages for those samples: 'near' (the question's own, less the answer's; "
+                                                 "the hard case) or 'other' (another question's).")] = "near",
     no_answer_text_en: Annotated[str, typer.Option(help="Target answer for those samples (English questions).")] = "",
     no_answer_text_zh: Annotated[str, typer.Option(help="Target answer for those samples (Chinese questions).")] = "",
     top_k: Annotated[Optional[int], typer.Option(help="Passages per question (default: the server's top_k).")] = None,
@@ -145,11 +147,13 @@ def build_rag_data(
     """Turn question/answer pairs into samples whose system message is exactly what `rag serve` would send."""
     from finetune.evaluate import retriever_for
     from finetune.model import resolve_base
-    from finetune.rag_data import TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
+    from finetune.rag_data import NEGATIVES, TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
 
     with user_errors(KNOWN_ERRORS, settings_field="config"):
         if out.exists() and not force:
             raise FinetuneError(f"--out {out} exists; add --force to overwrite it")
+        if negatives not in NEGATIVES:
+            raise FinetuneError(f"--negatives must be one of {', '.join(NEGATIVES)}, not {negatives!r}")
         settings = Settings()
         pairs = qa_pairs(qa)
         if not pairs:
@@ -160,7 +164,7 @@ def build_rag_data(
         with progress_bars() as progress:
             task = progress.add_task("retrieving", total=len(pairs))
             records, report = build_rag_samples(
-                pairs, kb, counter, retriever, settings, no_answer_share=no_answer_share, no_answer_text=texts,
+                pairs, kb, counter, retriever, settings, no_answer_share=no_answer_share, negatives=negatives, no_answer_text=texts,
                 top_k=top_k, seed=seed, on_progress=lambda done, total: progress.update(task, completed=done),
             )  # fmt: skip
         write_jsonl(records, out)
@@ -169,7 +173,7 @@ def build_rag_data(
         return
     err.print(
         f"[bold]{out}[/bold]: {report.written} samples ({report.answerable} answerable, {report.unanswerable} with passages "
-        f"lacking the answer); {report.answer_in_context} answers found verbatim in their passages, "
+        f"lacking the answer, {report.near_negatives} of them near misses); {report.answer_in_context} answers found verbatim in their passages, "
         f"{report.no_passages} questions without passages, {report.skipped} skipped (too long)"
     )
 

@@ -7,9 +7,12 @@ base model's context window minus the server's default ``max_tokens``). The
 sample is those messages plus the reference answer, so the system message is
 byte-identical to what the server would send for that question.
 
-A share of the samples (``no_answer_share``) instead gets passages retrieved
-for a *different* question, checked not to contain the reference answer, and
-the target ``no_answer_text`` ("The passages do not contain the answer." /
+A share of the samples (``no_answer_share``) instead gets passages that hold no
+part of the reference answer, and the target ``no_answer_text``. With
+``negatives="near"`` (the default) they are the question's own passages less those
+holding the answer — a question the documents almost cover, the hard case; where
+none is left, and with ``negatives="other"``, passages retrieved for a *different*
+question. The target is ``no_answer_text`` ("The passages do not contain the answer." /
 wenda's "无法从文段中得到答案。"): the adapter learns to answer from the
 context and to admit when the context is silent.
 
@@ -30,6 +33,7 @@ from rag.chat_template import context_window, encode_chat, encode_text
 from rag.generation import SamplingParams
 from settings import Settings
 
+NEGATIVES = ("near", "other")  # where no-answer samples get their passages (see the module's docstring)
 NO_ANSWER_EN = "The passages do not contain the answer."
 NO_ANSWER_ZH = "无法从文段中得到答案。"
 
@@ -42,6 +46,7 @@ class BuildReport:
     answer_in_context: int  # answerable samples whose passages contain the reference answer verbatim
     no_passages: int  # questions for which nothing passed the score threshold
     skipped: int  # context overflow
+    near_negatives: int = 0  # no-answer samples given their own question's passages, less the answer's
 
 
 class TemplateCounter:
@@ -75,6 +80,18 @@ class _RetrieveFor:
         return self.retriever.retrieve(kb, self.question, **kwargs)
 
 
+class _WithoutAnswer:
+    """A retriever that answers with the question's own passages, less those holding part of ``answer``."""
+
+    def __init__(self, retriever, answer: str):
+        self.retriever, self.answer = retriever, answer
+
+    def retrieve(self, kb, query, *, top_k: int, **kwargs):
+        # twice as many, so that near passages remain once the answer's own are gone
+        found = self.retriever.retrieve(kb, query, top_k=2 * top_k, **kwargs)
+        return [p for p in found if not holds_part_of(p.text, self.answer)][:top_k]
+
+
 def _norm(text: str) -> str:
     return "".join(text.lower().split())
 
@@ -82,6 +99,15 @@ def _norm(text: str) -> str:
 def passages_contain(passages: Sequence, answer: str) -> bool:
     needle = _norm(answer)
     return bool(needle) and any(needle in _norm(p.text) for p in passages)
+
+
+def holds_part_of(text: str, answer: str, window: int = 30) -> bool:
+    """Whether ``text`` holds the answer or any ``window``-character stretch of it (whitespace and
+    case ignored): a long answer split over several chunks is held by each of them."""
+    text, answer = _norm(text), _norm(answer)
+    if len(answer) <= window:
+        return bool(answer) and answer in text
+    return any(answer[i : i + window] in text for i in range(0, len(answer) - window + 1, window // 2))
 
 
 def build_rag_samples(
@@ -92,6 +118,7 @@ def build_rag_samples(
     settings: Settings,
     *,
     no_answer_share: float = 0.2,
+    negatives: str = "near",
     no_answer_text: dict[str, str] | None = None,
     top_k: int | None = None,
     seed: int = 0,
@@ -102,6 +129,8 @@ def build_rag_samples(
     from rag.generation import ContextOverflow
     from rag.prompt import language_of
 
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, not {negatives!r}")
     texts = {"en": NO_ANSWER_EN, "zh": NO_ANSWER_ZH, **(no_answer_text or {})}
     params = SamplingParams(max_tokens=settings.default_max_tokens)
     rng = random.Random(seed)
@@ -117,12 +146,15 @@ def build_rag_samples(
         try:
             if index in unanswerable:
                 prepared = None
-                for other in _others(index, len(pairs), rng):
-                    candidate = asyncio.run(prepare(ChatService(counter, _RetrieveFor(retriever, pairs[other][0]), settings), question))
-                    if candidate.passages and not passages_contain(candidate.passages, answer):
+                sources = [_WithoutAnswer(retriever, answer)] if negatives == "near" else []
+                sources += [_RetrieveFor(retriever, pairs[other][0]) for other in _others(index, len(pairs), rng)]
+                for source in sources:
+                    candidate = asyncio.run(prepare(ChatService(counter, source, settings), question))
+                    if candidate.passages and not any(holds_part_of(p.text, answer) for p in candidate.passages):
                         prepared = candidate
+                        report.near_negatives += isinstance(source, _WithoutAnswer)
                         break
-                if prepared is None:  # every other question's passages hold this answer: keep it answerable
+                if prepared is None:  # every candidate's passages hold this answer: keep it answerable
                     unanswerable.discard(index)
             if index not in unanswerable:
                 prepared = asyncio.run(prepare(service, question))

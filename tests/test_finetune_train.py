@@ -209,6 +209,37 @@ def test_build_rag_data_no_answer_samples_get_other_passages(served, generator_m
     assert no["messages"][-1]["content"] == NO_ANSWER_EN and answer not in no["messages"][0]["content"]
 
 
+def test_build_rag_data_near_negatives_keep_the_questions_own_passages_less_the_answer(served, generator_model_path, embedder, tmp_path):
+    from finetune.rag_data import NO_ANSWER_EN, TemplateCounter, build_rag_samples
+    from memory.ingestion import add_paths
+
+    settings, _, state = served
+    docs = tmp_path / "bees"
+    docs.mkdir()
+    for name, text in [("bees-food", "Bees make honey from nectar."), ("bees-home", "Bees live in hives and dance to show where flowers are."),
+                       ("trains", "The night train leaves at nine.")]:  # fmt: skip
+        (docs / f"{name}.md").write_text(f"{name}\n\n{text}", encoding="utf-8")
+    add_paths(state.knowledge_bases, "bees", [docs], embedder, chunk_size=settings.chunk_size, chunk_overlap=settings.chunk_overlap)
+    pairs = [("What do bees make?", "Bees make honey from nectar."), ("When does the night train leave?", "The night train leaves at nine.")]
+    records, report = build_rag_samples(pairs, "bees", TemplateCounter(generator_model_path), state.retriever, settings,
+                                        no_answer_share=1.0, top_k=1)  # fmt: skip
+    assert report.unanswerable == 2 and report.near_negatives == 2
+    bees = next(r for r in records if r["messages"][-2]["content"] == "What do bees make?")
+    system = bees["messages"][0]["content"]
+    assert "hives" in system and "honey" not in system  # the nearest passage that does not answer
+    assert bees["messages"][-1]["content"] == NO_ANSWER_EN
+
+
+def test_holds_part_of_finds_a_long_answer_split_over_chunks():
+    from finetune.rag_data import holds_part_of
+
+    answer = "Term life insurance covers a set number of years. " * 2 + "Whole life insurance lasts for the insured's whole life."
+    assert holds_part_of(answer[40:110], answer)  # one chunk of the middle, cut anywhere
+    assert holds_part_of("WHOLE LIFE insurance lasts for the insured's   whole life. Other text.", answer)
+    assert not holds_part_of("Car insurance covers damage to your car.", answer)
+    assert holds_part_of("At dusk.", "at dusk.") and not holds_part_of("At dawn.", "At dusk.")
+
+
 # ---- CLI ---------------------------------------------------------------------
 
 
