@@ -28,6 +28,7 @@ MIN_LINES = 12
 MIN_COLUMN_WIDTH_SHARE = 0.18
 MIN_CHARACTERS_PER_COLUMN_LINE = 14
 LINE_TOLERANCE = 3.0  # words whose tops differ by less than this (points) share a line
+MAX_WORD_GAP = 4.0  # points between two words of one stretch of text (a gutter is wider)
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,24 @@ def _reads_like_prose(lines: list[_Line], column: tuple[float, float], text_widt
 def _bands(lines: list[_Line], columns: list[tuple[float, float]]):
     """(top, bottom, spanning) from the top of the page: a line crossing a gutter is its own spanning band;
     the lines between such lines form one band read column by column."""
-    gutters = [(a[1], b[0]) for a, b in zip(columns, columns[1:])]
+    centres = [(a[1] + b[0]) / 2 for a, b in zip(columns, columns[1:])]
     bands: list[list] = []
     for line in lines:
-        spanning = any(w["x0"] < g_right and w["x1"] > g_left for w in line.words for g_left, g_right in gutters)
+        spanning = any(left <= centre <= right for left, right in _runs_of_text(line) for centre in centres)
         if bands and not spanning and not bands[-1][2]:
             bands[-1][1] = line.bottom
         else:
             bands.append([line.top, line.bottom, spanning])
     return [tuple(band) for band in bands]
+
+
+def _runs_of_text(line: _Line) -> list[tuple[float, float]]:
+    """The line's stretches of text, words closer than a wide space joined: a running head crosses
+    a gutter's centre; a column's justified line that only nicks the gutter's edge does not."""
+    runs: list[list[float]] = []
+    for word in sorted(line.words, key=lambda w: w["x0"]):
+        if runs and word["x0"] - runs[-1][1] <= MAX_WORD_GAP:
+            runs[-1][1] = max(runs[-1][1], word["x1"])
+        else:
+            runs.append([word["x0"], word["x1"]])
+    return [(left, right) for left, right in runs]
