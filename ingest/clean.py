@@ -255,12 +255,11 @@ def _remove_edge_lines_once(pages: list[str], edge: int, min_share: float, runni
         zones.append(zone)
         counts.update({_edge_key(lines[i]) for i in zone})
     running.update(key for key, n in counts.items() if n >= min_pages and key)
-    repeated = running
-    if not repeated:
+    if not running:
         return list(pages)
     cleaned = []
     for lines, zone in zip(split_pages, zones):
-        drop = {i for i in zone if _edge_key(lines[i]) in repeated}
+        drop = {i for i in zone if _edge_key(lines[i]) in running}
         kept = [line for i, line in enumerate(lines) if i not in drop]
         cleaned.append(_BLANK_RUNS.sub("\n\n", "\n".join(kept)).strip("\n"))
     return cleaned
