@@ -57,14 +57,23 @@ def finished(process: subprocess.Popen) -> float:
     return time.monotonic() - started
 
 
-def killed_at_random(process: subprocess.Popen, duration: float, rng: random.Random) -> bool:
-    """SIGKILL ``process`` at a random moment of a run that takes ``duration``; False if it finished first."""
-    time.sleep(rng.uniform(0.05, 1.0) * duration)
+def killed_at_random(process: subprocess.Popen, duration: float, rng: random.Random, not_before: float = 0.0) -> bool:
+    """SIGKILL ``process`` at a random moment of a run that takes ``duration``; False if it finished first.
+
+    ``not_before``: the seconds until the first commit (see ``first_commit_time``), so kills aim at the writes."""
+    time.sleep(rng.uniform(max(0.05 * duration, not_before), duration))
     was_running = process.poll() is None
     if was_running:
         process.send_signal(signal.SIGKILL)
     process.wait(60)
     return was_running
+
+
+def first_commit_time(process_for, corpus: Path) -> float:
+    """Seconds a run takes when one document changed: start-up, loading the embedder and one commit."""
+    first = sorted(corpus.iterdir())[0]
+    first.write_text(first.read_text(encoding="utf-8") + "又一句。", encoding="utf-8")
+    return finished(process_for(corpus))
 
 
 @pytest.fixture
@@ -118,6 +127,7 @@ def test_sigkill_during_add_leaves_knowledge_base_consistent(crash_env, tmp_path
     corpus = tmp_path / "corpus"
     write_corpus(corpus, seed=0, sentences_each=LONG)  # embedding, not start-up, is most of a run
     duration = finished(run_ingest(env, corpus))
+    startup = first_commit_time(lambda folder: run_ingest(env, folder), corpus)
 
     rng = random.Random(1234)
     kills = between_commits = 0
@@ -125,7 +135,7 @@ def test_sigkill_during_add_leaves_knowledge_base_consistent(crash_env, tmp_path
         if kills == KILLS:
             break
         write_corpus(corpus, seed=round_, sentences_each=LONG)  # every file changes: the run replaces every document
-        if killed_at_random(run_ingest(env, corpus), duration, rng):
+        if killed_at_random(run_ingest(env, corpus), duration, rng, not_before=startup):
             kills += 1
             between_commits += 0 < documents_of_version(settings, corpus) < FILES
         assert_consistent(settings, corpus)

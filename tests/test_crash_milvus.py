@@ -17,7 +17,7 @@ from memory.files import file_sha256
 from memory.ingestion import add_paths
 from memory.knowledge_base import KnowledgeBases
 from memory.milvus_backend import collection_prefix
-from tests.test_crash import FILES, crash_env, finished, killed_at_random, run_cli, write_corpus  # noqa: F401 (fixture)
+from tests.test_crash import FILES, crash_env, finished, first_commit_time, killed_at_random, run_cli, write_corpus  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +80,7 @@ def test_sigkill_during_milvus_add_leaves_knowledge_base_consistent(milvus_env, 
     corpus = tmp_path / "corpus"
     write_corpus(corpus, seed=0, sentences_each=SENTENCES)
     duration = finished(run_ingest(env, corpus))
+    startup = first_commit_time(lambda folder: run_ingest(env, folder), corpus)  # Milvus Lite's start-up too
 
     rng = random.Random(4321)
     kills = between_commits = 0
@@ -87,7 +88,7 @@ def test_sigkill_during_milvus_add_leaves_knowledge_base_consistent(milvus_env, 
         if kills == KILLS:
             break
         write_corpus(corpus, seed=round_, sentences_each=SENTENCES)  # every file changes
-        if killed_at_random(run_ingest(env, corpus), duration, rng):
+        if killed_at_random(run_ingest(env, corpus), duration, rng, not_before=startup):
             kills += 1
             between_commits += 0 < check(settings, corpus) < FILES
         else:
