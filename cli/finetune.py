@@ -79,6 +79,7 @@ def train(
     lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 16).")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout (default 0.05).")] = None,
     lora_target: Annotated[Optional[str], typer.Option(help="all-linear (default) or comma-separated module names.")] = None,
+    lora_layers: Annotated[Optional[int], typer.Option(help="LoRA on the top N blocks only (default: all); much faster on a CPU.")] = None,
     use_rslora: Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Rank-stabilised LoRA.")] = None,
     use_dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="DoRA (weight-decomposed LoRA).")] = None,
     num_virtual_tokens: Annotated[Optional[int], typer.Option(help="P-Tuning prefix length, ChatGLM's pre_seq_len (default 128).")] = None,
@@ -99,7 +100,7 @@ def train(
         method=method, base=base, data=[str(p) for p in data], out=out, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, overflow=overflow,
         on_bad_record=on_bad_record, eval_split=eval_split, scheduler=scheduler, warmup=warmup, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target, use_rslora=use_rslora,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=lora_target, lora_layers=lora_layers, use_rslora=use_rslora,
         use_dora=use_dora, num_virtual_tokens=num_virtual_tokens, precision=precision, save_steps=save_steps,
         logging_steps=logging_steps, loss_log=loss_log, deepspeed=deepspeed, seed=seed, resume=resume or None,
     )  # fmt: skip
@@ -137,6 +138,9 @@ def build_rag_data(
     no_answer_share: Annotated[float, typer.Option(help="Share of samples given passages without the answer.", min=0.0, max=1.0)] = 0.2,
     negatives: Annotated[str, typer.Option(help="Passages for those samples: 'near' (the question's own, less the answer's; "
                                                  "the hard case) or 'other' (another question's).")] = "near",
+    cite: Annotated[bool, typer.Option("--cite/--no-cite", help="End answerable targets with the [n] of the passages holding the answer.")] = True,
+    unsupported: Annotated[str, typer.Option(help="Answerable pairs whose passages hold none of the answer: 'keep', 'drop' or "
+                                                   "'no-answer' (for answers quoted from the documents).")] = "keep",
     no_answer_text_en: Annotated[str, typer.Option(help="Target answer for those samples (English questions).")] = "",
     no_answer_text_zh: Annotated[str, typer.Option(help="Target answer for those samples (Chinese questions).")] = "",
     top_k: Annotated[Optional[int], typer.Option(help="Passages per question (default: the server's top_k).")] = None,
@@ -147,13 +151,14 @@ def build_rag_data(
     """Turn question/answer pairs into samples whose system message is exactly what `rag serve` would send."""
     from finetune.evaluate import retriever_for
     from finetune.model import resolve_base
-    from finetune.rag_data import NEGATIVES, TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
+    from finetune.rag_data import NEGATIVES, UNSUPPORTED, TemplateCounter, build_rag_samples, qa_pairs, write_jsonl
 
     with user_errors(KNOWN_ERRORS, settings_field="config"):
         if out.exists() and not force:
             raise FinetuneError(f"--out {out} exists; add --force to overwrite it")
-        if negatives not in NEGATIVES:
-            raise FinetuneError(f"--negatives must be one of {', '.join(NEGATIVES)}, not {negatives!r}")
+        for flag, value, choices in (("--negatives", negatives, NEGATIVES), ("--unsupported", unsupported, UNSUPPORTED)):
+            if value not in choices:
+                raise FinetuneError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
         settings = Settings()
         pairs = qa_pairs(qa)
         if not pairs:
@@ -165,7 +170,7 @@ def build_rag_data(
             task = progress.add_task("retrieving", total=len(pairs))
             records, report = build_rag_samples(
                 pairs, kb, counter, retriever, settings, no_answer_share=no_answer_share, negatives=negatives, no_answer_text=texts,
-                top_k=top_k, seed=seed, on_progress=lambda done, total: progress.update(task, completed=done),
+                cite=cite, unsupported=unsupported, top_k=top_k, seed=seed, on_progress=lambda done, total: progress.update(task, completed=done),
             )  # fmt: skip
         write_jsonl(records, out)
     if as_json:
@@ -174,6 +179,7 @@ def build_rag_data(
     err.print(
         f"[bold]{out}[/bold]: {report.written} samples ({report.answerable} answerable, {report.unanswerable} with passages "
         f"lacking the answer, {report.near_negatives} of them near misses); {report.answer_in_context} answers found verbatim in their passages, "
+        f"{report.unsupported} whose passages held none of the answer ({unsupported}), "
         f"{report.no_passages} questions without passages, {report.skipped} skipped (too long)"
     )
 

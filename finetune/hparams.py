@@ -53,6 +53,9 @@ class FinetuneConfig(BaseModel):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target: list[str] | str = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj].")
+    lora_layers: int | None = Field(
+        None, ge=1, description="LoRA on the top N transformer blocks only: the blocks below need no backward pass (much faster on a CPU)."
+    )
     use_rslora: bool = False
     use_dora: bool = False
 
@@ -92,6 +95,8 @@ class FinetuneConfig(BaseModel):
     def _checks(self) -> "FinetuneConfig":
         if self.use_dora and self.method != "lora":
             raise ValueError("use_dora applies to LoRA only")
+        if self.lora_layers and self.method != "lora":
+            raise ValueError("lora_layers applies to LoRA only")
         return self
 
     @property

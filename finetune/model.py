@@ -70,16 +70,33 @@ def load_base(base: Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
 
 
-def peft_config(config: FinetuneConfig):
+def top_blocks(base_model, config: FinetuneConfig) -> tuple[list[str] | str, list[int] | None]:
+    """LoRA's target modules and the indices of the blocks it adapts (None: every block).
+
+    With ``lora_layers`` peft needs module names, not "all-linear": the linear layers' names
+    inside the blocks are read off the model."""
+    if not config.lora_layers:
+        return config.lora_target, None
+    blocks = base_model.config.num_hidden_layers
+    layers = list(range(max(0, blocks - config.lora_layers), blocks))
+    if config.lora_target != "all-linear":
+        return config.lora_target, layers
+    names = {name.rsplit(".", 1)[-1] for name, module in base_model.named_modules() if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    return sorted(names), layers
+
+
+def peft_config(config: FinetuneConfig, base_model):
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if config.method == "lora":
+        targets, layers = top_blocks(base_model, config)
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target,
+            target_modules=targets,
+            layers_to_transform=layers,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
         )
@@ -94,7 +111,7 @@ def trainable_model(base_model, config: FinetuneConfig):
     """The base wrapped by peft; trainable parameters kept in float32 (half-precision bases on GPU)."""
     from peft import get_peft_model
 
-    model = get_peft_model(base_model, peft_config(config))
+    model = get_peft_model(base_model, peft_config(config, base_model))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -34,6 +34,7 @@ from rag.generation import SamplingParams
 from settings import Settings
 
 NEGATIVES = ("near", "other")  # where no-answer samples get their passages (see the module's docstring)
+UNSUPPORTED = ("keep", "drop", "no-answer")  # answerable pairs whose passages hold no part of the answer
 NO_ANSWER_EN = "The passages do not contain the answer."
 NO_ANSWER_ZH = "无法从文段中得到答案。"
 
@@ -47,6 +48,7 @@ class BuildReport:
     no_passages: int  # questions for which nothing passed the score threshold
     skipped: int  # context overflow
     near_negatives: int = 0  # no-answer samples given their own question's passages, less the answer's
+    unsupported: int = 0  # answerable pairs whose passages held no part of the answer (kept, dropped or made no-answer)
 
 
 class TemplateCounter:
@@ -120,17 +122,26 @@ def build_rag_samples(
     no_answer_share: float = 0.2,
     negatives: str = "near",
     no_answer_text: dict[str, str] | None = None,
+    cite: bool = True,
+    unsupported: str = "keep",
     top_k: int | None = None,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict], BuildReport]:
-    """Training records for ``pairs`` (question, answer) against knowledge base ``kb``."""
+    """Training records for ``pairs`` (question, answer) against knowledge base ``kb``.
+
+    ``cite``: answerable targets end with the ``[n]`` of the passages holding part of the answer,
+    as the server's prompt asks. ``unsupported``: what becomes of an answerable pair whose passages
+    hold none of its answer — kept as it is (answers that paraphrase the documents), dropped, or
+    given the no-answer target (answers quoted from the documents, so absence is certain)."""
     from rag.chat import ChatService, ChatTurn
     from rag.generation import ContextOverflow
     from rag.prompt import language_of
 
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, not {negatives!r}")
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unsupported must be one of {', '.join(UNSUPPORTED)}, not {unsupported!r}")
     texts = {"en": NO_ANSWER_EN, "zh": NO_ANSWER_ZH, **(no_answer_text or {})}
     params = SamplingParams(max_tokens=settings.default_max_tokens)
     rng = random.Random(seed)
@@ -161,11 +172,18 @@ def build_rag_samples(
         except ContextOverflow:
             report.skipped += 1
             continue
+        holding = [] if index in unanswerable else [n for n, p in enumerate(prepared.passages, 1) if holds_part_of(p.text, answer)]
+        if index not in unanswerable and not holding:
+            report.unsupported += 1
+            if unsupported == "drop":
+                continue
+            if unsupported == "no-answer":
+                unanswerable.add(index)
         if index in unanswerable:
             target = texts["zh" if language_of(question) == "zh" else "en"]
             report.unanswerable += 1
         else:
-            target = answer
+            target = answer + (" " + "".join(f"[{n}]" for n in holding) if cite and holding else "")
             report.answerable += 1
             report.no_passages += not prepared.passages
             report.answer_in_context += passages_contain(prepared.passages, answer)

@@ -180,11 +180,20 @@ def test_build_rag_data_system_message_is_the_servers(served, generator_model_pa
     pairs = [("What is the name of the lighthouse keeper's cat?", "Mochi"), ("When is the lamp lit?", "At dusk.")]
     records, report = build_rag_samples(pairs, "notes", TemplateCounter(generator_model_path), state.retriever, settings, no_answer_share=0)
     assert report.written == 2 and report.answerable == 2 and report.answer_in_context == 1
-    for (question, answer), record in zip(pairs, records):
+    assert report.unsupported == 1  # "At dusk." is not in "lit at dusk every day" (the full stop)
+    targets = ["Mochi [1]", "At dusk."]  # the passage holding the answer is cited as the prompt asks
+    for (question, _), record, target in zip(pairs, records, targets):
         turn = ChatTurn([{"role": "user", "content": question}], SamplingParams(max_tokens=settings.default_max_tokens), knowledge_base="notes")
         prepared = asyncio.run(state.chat.prepare(turn))
-        assert record["messages"] == prepared.messages + [{"role": "assistant", "content": answer}]
+        assert record["messages"] == prepared.messages + [{"role": "assistant", "content": target}]
         assert "Mochi" in record["messages"][0]["content"]  # the passage is in the system message
+
+    counter = TemplateCounter(generator_model_path)
+    dropped, report = build_rag_samples(pairs, "notes", counter, state.retriever, settings, no_answer_share=0, unsupported="drop")
+    assert report.written == 1 and [r["messages"][-1]["content"] for r in dropped] == ["Mochi [1]"]
+    refused, report = build_rag_samples(pairs, "notes", counter, state.retriever, settings, no_answer_share=0, unsupported="no-answer", cite=False)
+    assert [(r["messages"][-1]["content"], r["answerable"]) for r in refused] == [("Mochi", True), (NO_ANSWER_EN, False)]
+    assert report.answerable == 1 and report.unanswerable == 1
 
 
 def test_build_rag_data_no_answer_samples_get_other_passages(served, generator_model_path, embedder, tmp_path):
@@ -228,6 +237,20 @@ def test_build_rag_data_near_negatives_keep_the_questions_own_passages_less_the_
     system = bees["messages"][0]["content"]
     assert "hives" in system and "honey" not in system  # the nearest passage that does not answer
     assert bees["messages"][-1]["content"] == NO_ANSWER_EN
+
+
+def test_lora_layers_adapts_only_the_top_blocks(generator_model_path, data_file, tmp_path):
+    from finetune.model import load_base, trainable_model
+
+    base = load_base(generator_model_path)
+    blocks = base.config.num_hidden_layers
+    model = trainable_model(base, small("lora", data_file, tmp_path / "top2", lora_layers=2))
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {blocks - 2, blocks - 1}
+    kinds = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad and "lora_A" in name}
+    assert {"q_proj", "v_proj", "down_proj"} <= kinds  # "all-linear" still means every linear layer of those blocks
+    with pytest.raises(ValueError, match="lora_layers"):
+        FinetuneConfig(method="ptuning", lora_layers=2)
 
 
 def test_holds_part_of_finds_a_long_answer_split_over_chunks():
