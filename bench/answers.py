@@ -199,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=[BUNDLED_QWEN_MODEL, BUNDLED_SMOLLM2_MODEL])
     parser.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER on the first --model, asked as NAME.")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="Ask only the adapters; then --rescore puts them beside the base's earlier answers.")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="Only N questions, spread evenly over the file (a quick look).")
     parser.add_argument("--only", nargs="+", default=None, metavar="ID", help="Only these question ids (a quick look).")
@@ -221,9 +223,11 @@ def main() -> None:
     base_env = {**os.environ, "ZHIKU_HOME": str(args.home), "ZHIKU_MODELS_DIR": models}
 
     rows = []
-    for index, model in enumerate(args.model if not args.rescore else []):
+    models_asked = [] if args.rescore else args.model[:1] if args.adapters_only else args.model
+    for index, model in enumerate(models_asked):
         env = {**base_env, "ZHIKU_GENERATOR_MODEL": model}
-        rows.append(run_generator(model.removeprefix("bundled:") + args.tag, env, args.port, items, args.max_tokens))
+        if not args.adapters_only:
+            rows.append(run_generator(model.removeprefix("bundled:") + args.tag, env, args.port, items, args.max_tokens))
         if index == 0 and args.adapter:
             adapters = dict(a.split("=", 1) for a in args.adapter)
             env["ZHIKU_GENERATOR_ADAPTERS"] = json.dumps(adapters)
