@@ -71,7 +71,7 @@ def main() -> None:
     from settings import Settings
 
     # the user's model cache, not a second copy under the bench's home
-    env = {**os.environ, "ZHIKU_HOME": str(work / "home"), "ZHIKU_MODELS_DIR": str(Settings().models_dir), "ZHIKU_TOP_K": str(args.top_k)}
+    env = {**os.environ, "ZHIKU_HOME": str(work / "home"), "ZHIKU_MODELS_DIR": str(Settings().model_cache), "ZHIKU_TOP_K": str(args.top_k)}
 
     answers, train_rows = insuranceqa.load("answers"), insuranceqa.load("train")
     questions = [q for _, q in sorted(train_rows.items(), key=lambda kv: int(kv[0])) if q.get("answers")]
