@@ -70,7 +70,7 @@ def load_base(base: Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
 
 
-def top_blocks(base_model, config: FinetuneConfig) -> tuple[list[str] | str, list[int] | None]:
+def lora_targets(base_model, config: FinetuneConfig) -> tuple[list[str] | str, list[int] | None]:
     """LoRA's target modules and the indices of the blocks it adapts (None: every block).
 
     With ``lora_layers`` peft needs module names, not "all-linear": the linear layers' names
@@ -89,7 +89,7 @@ def peft_config(config: FinetuneConfig, base_model):
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if config.method == "lora":
-        targets, layers = top_blocks(base_model, config)
+        targets, layers = lora_targets(base_model, config)
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=config.lora_r,
