@@ -4,7 +4,8 @@
     python -m bench.answers --model qwen2.5-coder-1.5b-instruct --adapter rag=bench/out/rag-adapter/lora
 
 1. a knowledge base of InsuranceQA-zh answer passages (the gold answers of the chosen
-   train questions plus ``--pool`` others), built with ``ingest add``;
+   train questions plus ``--pool`` others, ``--answers-per-document`` to a file), built
+   with ``ingest add``;
 2. ``finetune build-rag-data``: the server's retrieval and system message; the target is
    the gold answer's first sentences with the ``[n]`` of the passage holding it; a third
    of the samples get the question's own passages less the answer's (near misses) and
@@ -51,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-questions", type=int, default=400)
     parser.add_argument("--pool", type=int, default=1500, help="Extra answer passages in the knowledge base.")
+    parser.add_argument("--answers-per-document", type=int, default=1,
+                        help="Answers per document: several make chunks as long as the served ones, with the answer inside.")
     parser.add_argument("--answer-chars", type=int, default=80, help="Reference: the gold answer's first sentences, at most this long.")
     parser.add_argument("--top-k", type=int, default=3, help="Passages per sample (fewer than the server's 5: shorter samples train faster).")
     parser.add_argument("--no-answer-share", type=float, default=0.25)
@@ -78,8 +81,12 @@ def main() -> None:
     chosen = random.Random(7).sample(questions, args.train_questions)
     gold = {q["answers"][0] for q in chosen}
     others = random.Random(8).sample(sorted(set(answers) - gold, key=int), args.pool)
-    for answer_id in sorted(gold | set(others), key=int):
-        (work / "passages" / f"保险问答-{answer_id}.txt").write_text("".join(answers[answer_id]["zh"].split()) + "\n", encoding="utf-8")
+    ids = sorted(gold | set(others), key=int)
+    random.Random(9).shuffle(ids)
+    for start in range(0, len(ids), args.answers_per_document):
+        group = ids[start : start + args.answers_per_document]
+        text = "\n\n".join("".join(answers[answer_id]["zh"].split()) for answer_id in group)
+        (work / "passages" / f"保险问答-{group[0]}.txt").write_text(text + "\n", encoding="utf-8")
     with (work / "train-qa.jsonl").open("w", encoding="utf-8") as fh:
         for q in chosen:
             reference = first_sentences_zh(answers[q["answers"][0]]["zh"], args.answer_chars)
